@@ -1,0 +1,13 @@
+"""`gpt2 export` (not implemented yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    raise RuntimeError("gpt2 export is not implemented yet")

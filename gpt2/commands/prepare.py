@@ -1,0 +1,13 @@
+"""`gpt2 prepare` (not implemented yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    raise RuntimeError("gpt2 prepare is not implemented yet")

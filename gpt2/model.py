@@ -1,0 +1,119 @@
+"""GPT-2: token + position embeddings, n_layer pre-norm blocks, final LayerNorm, tied LM head.
+
+Shape key (used in comments throughout the package):
+    B  batch size            T  sequence length          C  n_embd (residual width)
+    nh number of heads       hs head size (C // nh)      V  vocab_size
+    S  KV-cache slots
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpt2.attention import KVCache
+from gpt2.block import Block
+from gpt2.config import GPTConfig
+
+
+class GPT(nn.Module):
+    """The GPT-2 language model. Parameter names match OpenAI's / HuggingFace's checkpoints."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017, as GPT-2): the output projection is the token embedding.
+        self.lm_head.weight = self.transformer.wte.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init, chosen by parameter name: N(0, 0.02) for embeddings and Linear weights;
+        residual projections (`c_proj`) scaled by 1/sqrt(2 * n_layer) because each block adds
+        two of them to the residual stream (GPT-2 paper, section 2.3); zero biases; LayerNorm
+        at identity."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name:
+                nn.init.ones_(p)
+            elif name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, the tied embedding counted once; optionally without position embeddings."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields tied tensors once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean
+        cross-entropy over all positions (targets == -1 are ignored), else None.
+
+        positions (B, T) or (T,) default to 0..T-1; `cache` (see KVCache) is used by generation.
+        """
+        B, T = idx.size()
+        if positions is None:
+            if T > self.config.block_size:
+                raise ValueError(
+                    f"sequence length {T} exceeds the model's context (block_size="
+                    f"{self.config.block_size}); crop the input to its last {self.config.block_size} tokens"
+                )
+            positions = torch.arange(T, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(positions)  # (T, C) or (B, T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cache)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+        """Continue idx (B, T) by max_new_tokens; see gpt2.generation.generate for the options."""
+        from gpt2.generation import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs) -> GPT:
+        """Load OpenAI's GPT-2 ("gpt2" ... "gpt2-xl"), an HF-format directory or one of our
+        checkpoints; see gpt2.hf.load_model."""
+        from gpt2.hf import load_model
+
+        return load_model(name_or_path, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write an HF-format directory (config.json, model.safetensors, tokenizer files)."""
+        from gpt2.hf import save_pretrained
+
+        save_pretrained(self, directory)
