@@ -1,0 +1,83 @@
+"""`gpt2 generate`: sample text from a model, streaming a single sample as it is produced."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+import time
+
+from gpt2.commands.common import add_model_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", default="<|endoftext|>", help="text to continue (default: start of a document)")
+    parser.add_argument("--num-samples", type=int, default=1, help="independent samples, generated as one batch")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--no-stop", action="store_true", help="keep going past <|endoftext|>")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from gpt2.commands.common import load_for_inference
+    from gpt2.generation import check_sampling_args, generate_tokens
+    from gpt2.tokenizer import Tokenizer
+
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    if not args.prompt:
+        raise ValueError("empty prompt; pass some text, or omit --prompt to start a new document")
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise ValueError("--num-samples and --max-new-tokens must be >= 1")
+    tok = Tokenizer()
+    prompt_ids = tok.encode(args.prompt)
+    model, device = load_for_inference(args)
+    if len(prompt_ids) > model.config.block_size:
+        raise ValueError(
+            f"prompt has {len(prompt_ids)} tokens but the model's context is {model.config.block_size}; shorten it"
+        )
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
+    valid = torch.ones_like(idx, dtype=torch.bool)
+    stream = args.num_samples == 1
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def on_tokens(new: torch.Tensor) -> None:
+        if stream:
+            sys.stdout.write(decoder.decode(tok.decode_bytes(new.tolist())))
+            sys.stdout.flush()
+
+    shown_prompt = "" if args.prompt == "<|endoftext|>" else args.prompt
+    if stream:
+        sys.stdout.write(shown_prompt)
+    t0 = time.perf_counter()
+    new = generate_tokens(
+        model,
+        idx,
+        valid,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=generator,
+        eos_id=None if args.no_stop else tok.eot_id,
+        on_tokens=on_tokens,
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    if stream:
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    else:
+        for i, row in enumerate(new.tolist()):
+            if not args.no_stop and tok.eot_id in row:
+                row = row[: row.index(tok.eot_id)]
+            print(f"--- sample {i + 1} ---\n{shown_prompt}{tok.decode(row)}")
+    n_new = new.numel()
+    print(f"[{n_new} tokens in {dt:.2f} s, {n_new / dt:.1f} tokens/s on {device}]", file=sys.stderr)
+    return 0

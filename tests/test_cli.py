@@ -1,0 +1,69 @@
+"""The `gpt2` command as a user runs it: exit codes and one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+
+def gpt2(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gpt2", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128)
+    ).save_pretrained(path)
+    return path
+
+
+def test_help_lists_commands():
+    r = gpt2("--help")
+    assert r.returncode == 0
+    for cmd in ("train", "prepare", "generate", "eval", "validate", "export", "plot"):
+        assert cmd in r.stdout
+
+
+def test_generate_streams_and_reports_speed(hf_dir):
+    r = gpt2("generate", "--model", str(hf_dir), "--prompt", "Once upon a time", "--max-new-tokens", "8", "--no-stop")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time")
+    assert "tokens/s" in r.stderr
+
+
+def test_generate_several_samples(hf_dir):
+    r = gpt2("generate", "--model", str(hf_dir), "--num-samples", "2", "--max-new-tokens", "5", "--top-k", "5")
+    assert r.returncode == 0, r.stderr
+    assert "--- sample 2 ---" in r.stdout
+
+
+def test_validate_passes_on_a_faithful_checkpoint(hf_dir):
+    r = gpt2("validate", "--model", str(hf_dir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--prompt", "", "--model", "HF"], "empty prompt"),
+        (["--top-p", "2", "--model", "HF"], "top_p must be in (0, 1]"),
+        (["--temperature", "-1", "--model", "HF"], "temperature must be >= 0"),
+        (["--top-k", "0", "--model", "HF"], "top_k must be >= 1"),
+        (["--prompt", "word " * 200, "--model", "HF"], "prompt has 201 tokens but the model's context is 128"),
+    ],
+)
+def test_generate_bad_input_is_one_line(hf_dir, args, message):
+    args = [str(hf_dir) if a == "HF" else a for a in args]
+    r = gpt2("generate", *args, "--max-new-tokens", "2")
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr
