@@ -15,10 +15,12 @@ from gpt2.config import GPTConfig
 class KVCache:
     """Preallocated keys and values for every layer, written in place at given slots.
 
-    The buffers have a fixed shape (n_layer, B, nh, S, hs) so a decode step has static
-    shapes (it can be compiled and graph-captured). A forward pass that uses the cache
-    sets `slots` (T,) - the buffer columns its T tokens go to - and `mask` (B, 1, T, S),
-    True where a query may attend to a key; `gpt2.generation` builds both.
+    Each layer has its own fixed-shape (B, nh, S, hs) key and value tensor, so a decode step
+    has static shapes (it can be compiled and graph-captured); separate tensors rather than
+    slices of one, because torch.compile copies a whole slice to update a view of a larger
+    input but writes a whole tensor in place. A forward pass that uses the cache sets `slots`
+    (T,) - the buffer columns its T tokens go to - and `mask` (B, 1, T, S), True (or 0.0 in an
+    additive float mask) where a query may attend to a key; `gpt2.generation` builds both.
     """
 
     def __init__(
@@ -29,15 +31,19 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.slots: Tensor | None = None  # (T,) long
-        self.mask: Tensor | None = None  # (B, 1, T, S) bool
+        self.mask: Tensor | None = None  # (B, 1, T, S) bool, or additive float
 
     @property
     def max_len(self) -> int:
-        return self.k.size(3)
+        return self.k[0].size(2)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, nh, T, hs) at self.slots of `layer`; return all keys and values (B, nh, S, hs)."""

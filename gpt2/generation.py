@@ -6,6 +6,10 @@ new tokens exceed block_size, generation goes on with a sliding window, as nanoG
 new token is predicted from the last block_size tokens, re-encoded at positions 0..block_size-1.
 That invalidates the cache, so every step past the context length re-runs the window (slower,
 but the same numbers as full recomputation).
+
+Speed (see benchmarks/NOTES.md): on CUDA the decode step runs on a preallocated cache and
+buffers and is replayed as one CUDA graph (StaticDecoder); sampling stays on the GPU and the
+host waits for it only to stream tokens or, every EOS_CHECK_EVERY steps, to see if all stopped.
 """
 
 from __future__ import annotations
@@ -91,9 +95,116 @@ def decode_step(model: GPT, token: Tensor, slot: int, position: Tensor, key_vali
     """Feed one token per sequence (B,) at cache column `slot` and `position` (B,); keys allowed
     are key_valid (B, S); return logits (B, V)."""
     cache.slots = torch.tensor([slot], device=token.device)
-    cache.mask = key_valid[:, None, None, :]  # (B, 1, 1, S)
+    cache.mask = additive_mask(key_valid[:, None, None, :], cache.dtype)  # (B, 1, 1, S)
     logits, _ = model(token[:, None], positions=position[:, None], cache=cache)
     return logits[:, -1, :]
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """0.0 where allowed, -inf elsewhere: the mask SDPA makes of a boolean one. Decoding passes it
+    in this form in both paths, so both run the same attention kernel (a boolean mask may send
+    SDPA to another backend, with other rounding) and can update it in place."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+class EagerDecoder:
+    """The plain decode loop's step (the reference): new index and mask tensors every step."""
+
+    def __init__(self, model: GPT, cache: KVCache, valid: Tensor) -> None:
+        B, P = valid.size()
+        self.model, self.cache = model, cache
+        self.slot = P - 1  # cache column of the last token fed
+        self.position = valid.long().sum(-1) - 1  # (B,) position of each sequence's last token
+        self.key_valid = torch.zeros(B, cache.max_len, dtype=torch.bool, device=valid.device)  # (B, S)
+        self.key_valid[:, :P] = valid
+
+    def __call__(self, token: Tensor) -> Tensor:
+        """Feed token (B,) at the next cache column; return the next logits (B, V)."""
+        self.slot += 1
+        self.position = self.position + 1
+        self.key_valid[:, self.slot] = True
+        return decode_step(self.model, token, self.slot, self.position, self.key_valid, self.cache)
+
+
+class StaticDecoder:
+    """The fast decode step: the same computation as EagerDecoder, on preallocated tensors.
+
+    Token, positions, cache column and the additive attention mask (see additive_mask) live in
+    fixed buffers updated in place inside the step, so every step launches the same kernels on
+    the same addresses. That lets one CUDA graph replay a whole step: one launch instead of ~170
+    for GPT-2 124M, whose launching (~3 ms) is what a batch-1 step costs in the plain loop (the
+    GPU work is ~0.6 ms). With compile=True the step is also compiled (fused LayerNorm, GELU and
+    residual kernels) before it is captured.
+    """
+
+    def __init__(
+        self, model: GPT, cache: KVCache, valid: Tensor, *, cuda_graph: bool = False, compile: bool = False
+    ) -> None:
+        B, P = valid.size()
+        device = valid.device
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(B, dtype=torch.long, device=device)  # (B,) input of the next step
+        self.position = valid.long().sum(-1) - 1  # (B,) position of each sequence's last token
+        cache.slots = torch.full((1,), P - 1, dtype=torch.long, device=device)  # column of the last token
+        key_valid = torch.zeros(B, cache.max_len, dtype=torch.bool, device=device)
+        key_valid[:, :P] = valid
+        cache.mask = additive_mask(key_valid[:, None, None, :], cache.dtype)  # (B, 1, 1, S), updated in place
+        self.step = _compiled_step() if compile else _static_step
+        self.use_graph = cuda_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None  # (B, V) output of the captured step
+
+    def __call__(self, token: Tensor) -> Tensor:
+        """Feed token (B,) at the next cache column; return the next logits (B, V). With a CUDA
+        graph the result is a static buffer that the next call overwrites."""
+        self.token.copy_(token)
+        if not self.use_graph:
+            return self.step(self.model, self.cache, self.token, self.position)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        state = (self.cache.slots, self.cache.mask, self.position)
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: compilation, cuBLAS handles
+            self.step(self.model, self.cache, self.token, self.position)
+        torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip(state, saved):  # undo the warm-up step (its cache column is rewritten)
+            t.copy_(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.step(self.model, self.cache, self.token, self.position)
+
+
+def _static_step(model: GPT, cache: KVCache, token: Tensor, position: Tensor) -> Tensor:
+    """One decode step on StaticDecoder's buffers, all updated in place: token (B,) goes to the
+    next cache column at the next position; returns logits (B, V)."""
+    cache.slots.add_(1)  # (1,)
+    cache.mask.index_fill_(3, cache.slots, 0.0)  # every sequence may attend to the new column
+    position.add_(1)  # (B,)
+    logits, _ = model(token[:, None], positions=position[:, None], cache=cache)  # (B, 1, V)
+    return logits[:, -1, :]
+
+
+_COMPILED_STEP = None
+
+
+def _compiled_step():
+    """_static_step under torch.compile, created once so all decoders share its compiled code
+    (a recompile happens per batch size, cache length and dtype)."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(_static_step, fullgraph=True, dynamic=False)
+    return _COMPILED_STEP
+
+
+# Without streaming, whether every sequence has stopped is asked of the GPU only this often, so
+# steps are not each held up by a device-to-host copy; the extra steps are cut off at the end.
+EOS_CHECK_EVERY = 16
 
 
 @torch.no_grad()
@@ -110,10 +221,19 @@ def generate_tokens(
     eos_id: int | None = None,
     use_cache: bool = True,
     on_tokens: Callable[[Tensor], None] | None = None,
+    fast: bool | None = None,
+    cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Generate from left-padded tokens (B, P) with valid (B, P); return the new tokens (B, N),
     N <= max_new_tokens. With eos_id, a sequence that produced it gets eos_id from then on, and
-    generation ends once every sequence has. on_tokens receives each step's tokens (B,)."""
+    generation ends once every sequence has. on_tokens receives each step's tokens (B,).
+
+    fast (default: on for CUDA) decodes with StaticDecoder, captured as a CUDA graph when
+    cuda_graph (default: on for CUDA); compile=True also compiles its step (costs a compilation
+    per batch size and cache length).
+    Both compute what the plain loop (fast=False) computes: greedy tokens are the same.
+    """
     check_sampling_args(temperature, top_k, top_p)
     block_size = model.config.block_size
     B, P = tokens.size()
@@ -121,46 +241,62 @@ def generate_tokens(
         raise ValueError(f"prompt has {P} tokens but the model's context is {block_size}; shorten the prompt")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:
+        return tokens.new_zeros((B, 0))
     device = tokens.device
     dtype = next(model.parameters()).dtype
-    S = min(P + max_new_tokens, block_size)
-    cache = KVCache(model.config, B, S, device=device, dtype=dtype)
-    all_tokens, all_valid = tokens, valid
-    logits = prefill(model, tokens, valid, cache)
-    position = valid.long().sum(-1) - 1  # (B,) position of each sequence's last token
-    key_valid = torch.zeros(B, S, dtype=torch.bool, device=device)
-    key_valid[:, :P] = valid
+    fast = device.type == "cuda" if fast is None else fast
+    S = min(P + max_new_tokens, block_size)  # positions the cache serves; past them the window slides
+    # Cache columns rounded up to a multiple of 16 (never attended): SDPA's memory-efficient kernel
+    # wants the mask's rows 16-aligned and would otherwise pad the mask in every layer of every step.
+    cache = KVCache(model.config, B, -(-S // 16) * 16, device=device, dtype=dtype)
+    logits = prefill(model, tokens, valid, cache)  # (B, V)
+    if not use_cache:
+        decoder = None
+    elif fast:
+        graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        decoder = StaticDecoder(model, cache, valid, cuda_graph=graph, compile=compile)
+    else:
+        decoder = EagerDecoder(model, cache, valid)
+    out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         if eos_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
             finished |= nxt == eos_id
-        out.append(nxt)
+        out[:, step] = nxt
         if on_tokens is not None:
             on_tokens(nxt)
-        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+        n = step + 1
+        check_eos = eos_id is not None and (on_tokens is not None or n % EOS_CHECK_EVERY == 0)
+        if n == max_new_tokens or (check_eos and bool(finished.all())):
             break
-        all_tokens = torch.cat([all_tokens, nxt[:, None]], dim=1)
-        all_valid = torch.cat([all_valid, torch.ones_like(nxt[:, None], dtype=torch.bool)], dim=1)
-        slot = P + step
-        if use_cache and slot < S:
-            position = position + 1
-            key_valid[:, slot] = True
-            logits = decode_step(model, nxt, slot, position, key_valid, cache)
+        if decoder is not None and P + step < S:
+            logits = decoder(nxt)
         else:  # no cache, or past the context: re-run the last block_size tokens
+            all_tokens = torch.cat([tokens, out[:, :n]], dim=1)  # (B, P + n)
+            all_valid = torch.cat([valid, torch.ones_like(out[:, :n], dtype=torch.bool)], dim=1)
             window = slice(max(0, all_tokens.size(1) - block_size), None)
             cache = KVCache(model.config, B, min(all_tokens.size(1), block_size), device=device, dtype=dtype)
             logits = prefill(model, all_tokens[:, window], all_valid[:, window], cache)
-    if not out:
-        return tokens.new_zeros((B, 0))
-    return torch.stack(out, dim=1)
+    return _cut_after_all_stopped(out[:, :n], eos_id)
+
+
+def _cut_after_all_stopped(out: Tensor, eos_id: int | None) -> Tensor:
+    """out (B, n) cut after the step at which the last sequence produced eos_id, if all have."""
+    if eos_id is None:
+        return out
+    hit = out == eos_id  # (B, n)
+    if not bool(hit.any(dim=1).all()):
+        return out
+    first = hit.int().argmax(dim=1)  # (B,) each sequence's first eos_id
+    return out[:, : int(first.max()) + 1]
 
 
 def generate(model: GPT, idx: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
     """idx (B, T) -> (B, T + N): idx followed by up to max_new_tokens sampled tokens.
-    Keywords as generate_tokens (temperature, top_k, top_p, generator, eos_id, use_cache)."""
+    Keywords as generate_tokens (temperature, top_k, top_p, generator, eos_id, use_cache, fast, ...)."""
     valid = torch.ones_like(idx, dtype=torch.bool)
     new = generate_tokens(model, idx, valid, max_new_tokens, **kwargs)
     return torch.cat([idx, new], dim=1)

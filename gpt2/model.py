@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from gpt2.attention import KVCache
 from gpt2.block import Block
 from gpt2.config import GPTConfig
+from gpt2.ops import linear_cross_entropy
 
 
 class GPT(nn.Module):
@@ -71,11 +72,14 @@ class GPT(nn.Module):
         *,
         positions: Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean
         cross-entropy over all positions (targets == -1 are ignored), else None.
 
         positions (B, T) or (T,) default to 0..T-1; `cache` (see KVCache) is used by generation.
+        return_logits=False with targets returns (None, loss), the loss computed chunk by chunk
+        (gpt2.ops.linear_cross_entropy) so the (B, T, V) logits never exist: the training path.
         """
         B, T = idx.size()
         if positions is None:
@@ -91,6 +95,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cache)
         x = self.transformer.ln_f(x)  # (B, T, C)
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
