@@ -1,13 +1,262 @@
-"""`gpt2 eval` (not implemented yet)."""
+"""`gpt2 eval hellaswag|loss|lambada`: score a model, print a small table, optionally write JSON.
+
+Runs as one process or under torchrun (`torchrun --nproc_per_node=N -m gpt2 eval ...`): the process group
+is set up here from torchrun's environment (nccl on CUDA, gloo on CPU); gpt2.evaluation shards the
+examples by rank and all-reduces the counts; only rank 0 prints and writes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+TASKS = ("hellaswag", "loss", "lambada")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("task", choices=TASKS, help="hellaswag, loss (validation loss/perplexity) or lambada")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="hub name (gpt2 ... gpt2-xl), an HF-format directory, a checkpoint directory or a training run "
+        "directory (its newest checkpoint)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="hellaswag/lambada: a local .jsonl (default: download once into ~/.cache/gpt2); "
+        "loss (required): a directory of token shards or a UTF-8 .txt file",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="only the first N examples (loss on a text file: first N tokens)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples per forward pass (hellaswag: x4 rows; loss: sequences); default 32 on GPU, 4 on CPU",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="compute: fp32 or bf16 autocast (weights stay fp32); auto = bf16 on GPUs that support it, else fp32",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model first (GPU runs)")
+    group = parser.add_argument_group("hellaswag")
+    group.add_argument(
+        "--prompt",
+        default="completion",
+        choices=["completion", "lm-eval"],
+        help="context as in the file (GPT-2 paper / build-nanogpt), or lm-eval-harness's "
+        "'<activity>: <ctx>' with its text cleanup",
+    )
+    group = parser.add_argument_group("loss")
+    group.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's context)")
+    group.add_argument("--stride", type=int, default=None, help="text file: sliding windows every N tokens")
+    group.add_argument("--steps", type=int, default=None, help="token shards: batches per rank (default: all)")
+    group.add_argument("--split", default="val", help="token shards: which split (default: val)")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise RuntimeError("gpt2 eval is not implemented yet")
+    import torch
+
+    _check_args(args)
+    json_path = Path(args.json).expanduser() if args.json else None
+    if json_path is not None and json_path.exists() and not args.force:
+        raise FileExistsError(f"{json_path} exists; pass --force to overwrite it or choose another --json path")
+    from gpt2.distributed import destroy_distributed, init_distributed
+
+    info = init_distributed(os.environ, args.device)  # a process group only under torchrun
+    rank, world_size, device = info.rank, info.world_size, info.device
+    try:
+        from gpt2.hf import load_model
+
+        autocast_dtype = _autocast_dtype(args.dtype, device)
+        raw = load_model(args.model, device=device).eval()
+        model = torch.compile(raw) if args.compile else raw
+        batch_size = args.batch_size or (32 if device.type == "cuda" else 4)
+        is_main = rank == 0
+        t0 = time.perf_counter()
+        if args.task == "hellaswag":
+            metrics = _hellaswag(args, model, batch_size, device, autocast_dtype, rank, world_size, is_main)
+        elif args.task == "lambada":
+            metrics = _lambada(args, model, batch_size, device, autocast_dtype, rank, world_size, is_main)
+        else:
+            metrics = _loss(args, model, raw.config.block_size, batch_size, autocast_dtype, rank, world_size, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        if is_main:
+            dtype_name = "bf16" if autocast_dtype is torch.bfloat16 else "fp32"
+            record = {
+                "task": args.task,
+                "model": str(args.model),
+                "data": args.data,
+                "limit": args.limit,
+                "dtype": dtype_name,
+                "device": str(device),
+                "world_size": world_size,
+                "batch_size": batch_size,
+                "seconds": round(seconds, 3),
+                "torch": torch.__version__,
+                **metrics,
+            }
+            _print_table(record)
+            if json_path is not None:
+                json_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = json_path.with_name(f".{json_path.name}.tmp")
+                tmp.write_text(json.dumps(record, indent=2) + "\n")
+                os.replace(tmp, json_path)
+                print(f"wrote {json_path}")
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("limit", "batch_size", "seq_len", "stride", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.task == "loss" and args.data is None:
+        raise ValueError("gpt2 eval loss needs --data: a directory of token shards or a UTF-8 .txt file")
+
+
+def _autocast_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return torch.bfloat16 if name == "bf16" else None
+
+
+def _progress(is_main: bool, desc: str):
+    """A (done, total) callback drawing a tqdm bar on rank 0, and the bar (to close)."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="row", disable=not is_main, leave=False, file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return update, bar
+
+
+def _hellaswag(args, model, batch_size, device, autocast_dtype, rank, world_size, is_main) -> dict:
+    from gpt2.evaluation import evaluate_hellaswag, load_hellaswag
+
+    examples = load_hellaswag(args.data)[: args.limit]
+    update, bar = _progress(is_main, "hellaswag")
+    try:
+        return evaluate_hellaswag(
+            model,
+            examples,
+            batch_size=batch_size,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            rank=rank,
+            world_size=world_size,
+            prompt=args.prompt,
+            progress=update,
+        )
+    finally:
+        bar.close()
+
+
+def _lambada(args, model, batch_size, device, autocast_dtype, rank, world_size, is_main) -> dict:
+    from gpt2.evaluation import evaluate_lambada, load_lambada
+
+    examples = load_lambada(args.data)[: args.limit]
+    update, bar = _progress(is_main, "lambada")
+    try:
+        return evaluate_lambada(
+            model,
+            examples,
+            batch_size=batch_size,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            rank=rank,
+            world_size=world_size,
+            progress=update,
+        )
+    finally:
+        bar.close()
+
+
+def _loss(args, model, block_size, batch_size, autocast_dtype, rank, world_size, device) -> dict:
+    from gpt2.evaluation import loss_stats, text_tokens, text_windows, window_batches
+
+    seq_len = args.seq_len or block_size
+    if seq_len > block_size:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context ({block_size}); pass <= {block_size}")
+    data = Path(args.data).expanduser()
+    if data.is_dir():
+        from gpt2.data import DataLoaderLite, LoaderConfig
+
+        config = LoaderConfig(
+            data_root=str(data),
+            batch_size=batch_size,
+            seq_len=seq_len,
+            split=args.split,
+            process_rank=rank,
+            world_size=world_size,
+            master_process=rank == 0,
+        )
+        loader = DataLoaderLite(config, device=device)
+        steps = args.steps or loader.steps_per_epoch  # default: the whole split once, each chunk on one rank
+        result = loss_stats(model, loader, steps, autocast_dtype=autocast_dtype)
+        source = {"source": "shards", "split": args.split, "steps": steps}
+    else:
+        if args.steps is not None:
+            raise ValueError("--steps applies to token shards; a text file is always evaluated whole (use --limit)")
+        tokens = text_tokens(data)
+        if args.limit is not None:
+            tokens = tokens[: args.limit]
+        windows = text_windows(tokens, seq_len, stride=args.stride)
+        batches = window_batches(windows, batch_size, rank=rank, world_size=world_size)
+        result = loss_stats(model, batches, None, autocast_dtype=autocast_dtype)
+        source = {"source": "text", "windows": len(windows), "stride": args.stride or seq_len}
+    return {"loss": result.loss, "ppl": result.ppl, "tokens": result.tokens, "seq_len": seq_len, **source}
+
+
+ROWS = {
+    "hellaswag": [
+        ("acc", "argmax of summed log-prob (GPT-2/GPT-3 papers)"),
+        ("acc_norm", "argmax of mean log-prob per token (build-nanogpt)"),
+        ("acc_norm_bytes", "argmax of log-prob / ending length (lm-eval-harness acc_norm)"),
+        ("n_truncated", "contexts cut from the left to fit the model"),
+    ],
+    "lambada": [
+        ("acc", "greedy continuation is the target word"),
+        ("ppl", "exp(-mean log p(target word)) (lm-eval-harness)"),
+        ("ppl_token", "exp(-mean log p(target token))"),
+        ("n_truncated", "contexts cut from the left to fit the model"),
+    ],
+    "loss": [
+        ("loss", "mean cross-entropy per token (nats)"),
+        ("ppl", "exp(loss)"),
+        ("tokens", "predicted tokens"),
+    ],
+}
+
+
+def _print_table(record: dict) -> None:
+    n = record.get("n", record.get("tokens"))
+    unit = "tokens" if record["task"] == "loss" else "examples"
+    print(
+        f"{record['task']}: {record['model']} | {n} {unit} | {record['dtype']} on {record['device']} x "
+        f"{record['world_size']} | {record['seconds']:.1f} s"
+    )
+    for key, meaning in ROWS[record["task"]]:
+        value = record[key]
+        shown = f"{value:>12d}" if isinstance(value, int) else f"{value:>12.4f}"
+        print(f"  {key:<15}{shown}   {meaning}")

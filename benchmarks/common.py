@@ -1,0 +1,91 @@
+"""What the benchmark scripts share: the environment line, timing, tables, RESULTS.md sections."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# Dense bf16 tensor-core peak of an H100 SXM (the H200 has the same chip): the issue's MFU basis.
+PEAK_BF16_FLOPS = 989.4e12
+
+
+def environment(device: torch.device) -> str:
+    """Card, torch/CUDA versions and host: one line for the table's header."""
+    if device.type == "cuda":
+        card = torch.cuda.get_device_name(device)
+        cuda = f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+    else:
+        card, cuda = f"CPU ({platform.processor() or platform.machine()})", "no CUDA"
+    return f"{card}; torch {torch.__version__}; {cuda}; Python {platform.python_version()}"
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of fn, each call timed alone (synchronized before and after) after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what the previous measurement left so the next one's peak memory is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table (readable as plain text too)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def append_results(path: Path, title: str, device: torch.device, body: str) -> None:
+    """Append one section (title, date, environment, exact command, body) to RESULTS.md."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = f"\n## {title} ({now})\n\n- environment: {environment(device)}\n- command: `{command_line()}`\n\n{body}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text("# Benchmark results\n\nAppended by the scripts in benchmarks/; newest last.\n")
+    with path.open("a") as f:
+        f.write(section)
