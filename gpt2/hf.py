@@ -163,7 +163,12 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint under run_dir/checkpoints (step_XXXXXXXX), or None."""
     ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    ckpts = [p for p in ckpts if (p / "config.json").is_file() and (p / WEIGHTS_FILE).is_file()]
+    # complete = config.json plus weights: ours (model.safetensors) or FSDP's sharded ones (.metadata)
+    ckpts = [
+        p
+        for p in ckpts
+        if (p / "config.json").is_file() and any((p / f).is_file() for f in (WEIGHTS_FILE, ".metadata"))
+    ]
     return ckpts[-1] if ckpts else None
 
 
@@ -194,6 +199,10 @@ def load_model(
 ) -> GPT:
     """GPT loaded from a hub name, an HF directory, a checkpoint or a run directory."""
     directory = resolve_model_dir(name_or_path)
+    if (directory / ".metadata").is_file():  # a sharded FSDP checkpoint: gather it on this process
+        from gpt2.fsdp import load_consolidated
+
+        return load_consolidated(directory).to(device=device, dtype=dtype)
     try:
         hf_config = json.loads((directory / "config.json").read_text())
     except json.JSONDecodeError as e:
