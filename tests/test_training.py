@@ -298,6 +298,7 @@ def test_checkpoint_save_is_atomic(data_root, tmp_path, monkeypatch):
     assert not any(k.startswith(("module.", "_orig_mod.")) or "._orig_mod." in k for k in keys)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(data_root, tmp_path):
     out_dir = tmp_path / "sig"
     args = [sys.executable, "-m", "gpt2", "train", "--model", "tiny", "--vocab_size", str(VOCAB)]
