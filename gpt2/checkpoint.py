@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from gpt2.config import GPTConfig
+from gpt2.fileio import fsync_path, fsync_tree
 from gpt2.hf import config_from_hf, latest_checkpoint, load_state_dict_checked, read_weights, save_pretrained
 from gpt2.hf import state_dict_from_hf as _from_hf
 from gpt2.model import GPT
@@ -60,7 +61,7 @@ def save_checkpoint(
         save_pretrained(model, tmp, tokenizer=False)
         torch.save({"format": STATE_FORMAT, "step": step, **trainer_state}, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(train_config, indent=2) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -72,7 +73,7 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root)
     if keep_last_k > 0:
         prune_checkpoints(run_dir, keep_last_k)
     return final
@@ -149,33 +150,3 @@ def load_weights(model: GPT, ckpt_dir: Path) -> None:
         load_state_dict_checked(
             model, {k: v.to(model.transformer.wte.weight.device) for k, v in sd.items()}, str(ckpt_dir)
         )
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush the files of a checkpoint to disk before it is renamed into place (POSIX only)."""
-    for p in directory.iterdir():
-        if p.is_file():
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

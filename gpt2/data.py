@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gpt2.fileio import fsync_path
+
 MAGIC = b"GPT2TOKS"
 VERSION = 1
 HEADER_BYTES = 64
@@ -89,22 +91,8 @@ def write_shard(path: str | Path, tokens: np.ndarray, *, vocab_size: int = GPT2_
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_shard_header(path: str | Path) -> ShardHeader:

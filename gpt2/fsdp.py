@@ -55,6 +55,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from gpt2.config import GPTConfig
+from gpt2.fileio import fsync_path, fsync_tree
 from gpt2.hf import config_from_hf, config_to_hf
 from gpt2.model import GPT
 
@@ -174,7 +175,7 @@ def save_sharded(
         torch.save(dict(extra_state), tmp / STATE_FILE)
         for name, value in (json_files or {}).items():
             (tmp / name).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _replace_dir(tmp, final)
 
     # Also the barrier that keeps other ranks from reading `final` before the rename.
@@ -365,27 +366,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync(final.parent)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for p in directory.iterdir():
-        if p.is_file():
-            _fsync(p)
-    _fsync(directory)
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_path(final.parent)
 
 
 # DCP's reader unpickles .metadata and its planners unpickle non-tensor values with
