@@ -145,6 +145,7 @@ def main() -> None:
         chars = sum(map(len, texts))
 
         load_before = os.getloadavg()[0]
+        per_run: list[str] = []
         runs = []  # interleaved, so both see the same background load; the best of each is kept
         for r in range(args.repeat):
             n_base, wall_base, cpu_base = baseline(texts)
@@ -157,7 +158,8 @@ def main() -> None:
                 f"tiktoken {n_base / wall_base / 1e6:.2f}M tok/s, x{args.workers} processes "
                 f"{n_base / wall_par / 1e6:.2f}M tok/s, prepare {n_base / wall_prep / 1e6:.2f}M tok/s"
             )
-            print(f"run {r + 1}: {rates} (load {os.getloadavg()[0]:.1f})")
+            per_run.append(f"run {r + 1}: {rates} (load {os.getloadavg()[0]:.1f})")
+            print(per_run[-1])
         load_after = os.getloadavg()[0]
         del texts
         wall_base, cpu_base = min((w, c) for w, c, _, _, _ in runs)
@@ -206,6 +208,7 @@ def main() -> None:
         f"CPU cost per token: prepare {cpu_prep / n_prep * 1e9:.0f} ns, tiktoken {cpu_base / n_base * 1e9:.0f} ns",
         f"corpus: {docs:,} docs, {chars / 1e6:.1f}M characters "
         f"(reading + parsing it for the baseline: {load_s:.1f} s, not counted)",
+        *per_run,
         f"best of {args.repeat} interleaved run(s); "
         f"load average (1 min) before/after: {load_before:.2f} / {load_after:.2f} on {default_workers()} cores",
     ]
