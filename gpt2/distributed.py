@@ -1,19 +1,23 @@
-"""Process-group setup: the same training code runs as one process (CPU, one GPU) or under
-`torchrun` with N processes (NCCL on GPUs, gloo on CPUs).
+"""Process groups and ranks, in one place: the same code runs as one process (CPU, one GPU) or
+under `torchrun` with N processes (NCCL on GPUs, gloo on CPUs).
 
 The caller passes the environment (`os.environ`) in, so library code never reads it itself;
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR/MASTER_PORT, which
-`init_process_group("env://")` reads).
+`init_process_group("env://")` reads). Every helper below is a no-op or the identity without a
+process group, so callers need no `if distributed` of their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from gpt2.device import pick_device
 
 
 @dataclass(frozen=True)
@@ -29,27 +33,27 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         """True when a process group is running (even with world_size 1 under torchrun)."""
-        return dist.is_available() and dist.is_initialized()
+        return is_distributed()
 
 
-def pick_device(preference: str = "auto") -> torch.device:
-    """'auto' -> cuda if available, else mps if available, else cpu; otherwise the named device."""
-    if preference == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(preference)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {preference!r} asked for, but CUDA is not available here; use --device cpu")
-    return device
+def is_distributed() -> bool:
+    """Whether a process group is running in this process."""
+    return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(env: Mapping[str, str], device: str = "auto") -> DistInfo:
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def init_distributed(env: Mapping[str, str], device: str = "auto", *, timeout_s: float | None = None) -> DistInfo:
     """Start the process group when launched by torchrun (WORLD_SIZE in env), else a single process.
 
     Under torchrun on CUDA every process takes GPU `local_rank`; on CPU the backend is gloo.
+    `timeout_s` bounds how long a collective waits for a rank that stalled (PyTorch's default: 10 min).
     """
     if "WORLD_SIZE" not in env or "RANK" not in env:
         return DistInfo(device=pick_device(device))
@@ -70,26 +74,49 @@ def init_distributed(env: Mapping[str, str], device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         # device_id binds NCCL's communicator to this GPU eagerly (no guessing by the first collective).
         kwargs = {"device_id": base} if backend == "nccl" else {}
+        if timeout_s is not None:
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=base, is_main=rank == 0)
 
 
 def destroy_distributed() -> None:
     """Tear down the process group if one is running (safe to call always)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
+
+
+def collective_device(device: torch.device | None = None) -> torch.device:
+    """Where a tensor must live for the running backend's collectives: NCCL reduces only CUDA
+    tensors (this rank's GPU), gloo is happiest with CPU ones."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        if device is not None and device.type == "cuda":
+            return device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(values: Tensor) -> Tensor:
     """Sum a tensor over all ranks (in place; a no-op without a process group). Returns it."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 
+def all_reduce_sum_cpu(values: Tensor) -> Tensor:
+    """`values` summed over all ranks, returned on the CPU (moved to the backend's device for the
+    collective and back); the values themselves without a process group."""
+    if not is_distributed():
+        return values.cpu()
+    on = collective_device(values.device)
+    summed = values.to(on)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed.cpu()
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Mean of each metric over all ranks, in one collective (identity on a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
@@ -98,16 +125,34 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, t.tolist()))
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (one all-reduce, so also a barrier)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([float(flag)], device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return bool(t.item() > 0)
+
+
 def all_gather_objects(obj: object) -> list[object]:
     """Every rank's `obj` (picklable, produced in this run), in rank order; [obj] on one process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return [obj]
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s `obj` on every rank (itself on one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for all ranks (no-op on one process)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()

@@ -1,14 +1,24 @@
-"""Durable writes: the one home of fsync for shards, checkpoints and sharded checkpoints.
+"""Publishing files and directories: the one home of atomic writes and fsync.
 
-Atomic saves write under a temporary name and rename; these make the bytes and the rename reach the
-disk before anyone relies on them (POSIX). Where a file or directory cannot be opened or synced
-(Windows directories, some network filesystems) they do nothing rather than fail the save.
+Everything gpt2 writes that someone else reads (shards, manifests, checkpoints, exports, JSON results)
+is written under a hidden temporary name beside its destination, flushed, and renamed into place, so
+a reader never sees half a file and a crash or a full disk leaves the previous version intact. The
+published file gets the permissions any new file of this process would get (0666 minus the umask),
+not the 0600 of a temporary file, so other users, containers and a serving account can read it.
+
+Where a file or directory cannot be opened or synced (Windows directories, some network filesystems)
+the fsync helpers do nothing rather than fail the save.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def fsync_path(path: Path) -> None:
@@ -31,3 +41,92 @@ def fsync_tree(directory: Path) -> None:
         if p.is_file():
             fsync_path(p)
     fsync_path(directory)
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where the OS lets us)."""
+    try:  # Linux: /proc tells without a race
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_file_mode() -> int:
+    """The mode open() gives a new file in this process: 0666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Publish `path` atomically: `write(tmp)` writes the content to a temporary path beside it,
+    which is flushed, given normal permissions and renamed over `path`. On any error (a full disk,
+    Ctrl-C) the temporary file is removed and `path` keeps its old content. Returns `path`."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, normal_file_mode())
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Publish `data` as the file `path` (see atomic_write)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Publish UTF-8 `text` as the file `path` (see atomic_write)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, sort_keys: bool = False) -> Path:
+    """Publish `obj` as indented JSON with a final newline (see atomic_write)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def publish_dir(tmp: Path, final: Path) -> Path:
+    """Make the finished directory `tmp` appear as `final` in one rename (its files flushed first).
+    An existing `final` (the same content saved again) is moved aside, replaced, then deleted, so at
+    every moment one complete version exists under `final` or its aside name."""
+    fsync_tree(tmp)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_path(final.parent)
+    return final
+
+
+def fresh_tmp_dir(final: Path) -> Path:
+    """An empty hidden directory `.NAME.tmp` beside `final` to build it in (a leftover of a killed
+    save is removed first)."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a published directory: renamed to a hidden name first, so a half-deleted directory is
+    never mistaken for a complete one."""
+    trash = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
