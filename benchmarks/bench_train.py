@@ -1,9 +1,10 @@
 """Training-step throughput: tokens/s, MFU and peak memory of a full optimizer step.
 
-One step = forward under bf16 autocast, backward, gradient clipping at 1.0, AdamW step with
-gpt2.training.build_optimizer (fused; weight decay 0.1 on 2-D parameters only), zero_grad:
-what `gpt2 train` does per micro-step without gradient accumulation. Random tokens, rotated
-among a few batches.
+One step is `gpt2 train`'s own optimizer step, by the same functions (gpt2.training.step):
+zero_grad, forward_backward under bf16 autocast (one micro-step), clip_gradients at 1.0,
+apply_gradients with the optimizer of gpt2.training.build_optimizer (fused AdamW, weight decay 0.1
+on 2-D parameters only). Only the StepKernels choices and the compile mode vary between variants,
+so the benchmark cannot drift from training. Random tokens, rotated among a few batches.
 
 Variants (all in one process, so every speed-up is a ratio on the same card):
   fast          torch.compile(model), chunked loss (no logits), cuDNN attention first  <- default
@@ -47,8 +48,8 @@ from benchmarks.common import (  # noqa: E402
 )
 from gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2.metrics import flops_per_token, mfu, peak_flops  # noqa: E402
-from gpt2.ops import attention_backends  # noqa: E402
 from gpt2.training import TrainingConfig, build_optimizer  # noqa: E402
+from gpt2.training.step import StepKernels, apply_gradients, clip_gradients, forward_backward  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -103,16 +104,15 @@ def run_variant(name: str, args: argparse.Namespace, batch_size: int, device: to
         step_model = model
     T, V = args.seq_len, config.vocab_size
     data = torch.randint(0, V, (4, batch_size, T + 1), device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    kernels = StepKernels(chunked_loss=v.chunked_loss, attention=v.attention)
 
     def step(i: int) -> torch.Tensor:
-        x, y = data[i % 4, :, :-1], data[i % 4, :, 1:]
-        with amp, attention_backends(v.attention):
-            _, loss = step_model(x, y, return_logits=not v.chunked_loss)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        batch = (data[i % 4, :, :-1], data[i % 4, :, 1:])
         opt.zero_grad(set_to_none=True)
+        loss = forward_backward(step_model, lambda: batch, 1, amp_dtype=amp_dtype, kernels=kernels)
+        clip_gradients(opt, 1.0)
+        apply_gradients(opt)
         return loss
 
     t0 = time.perf_counter()

@@ -7,6 +7,9 @@ new token is predicted from the last block_size tokens, re-encoded at positions 
 That invalidates the cache, so every step past the context length re-runs the window (slower,
 but the same numbers as full recomputation).
 
+Every `model` below is a gpt2.GPT (typed as nn.Module so this module does not import the model,
+which calls into it from GPT.generate).
+
 Speed (see benchmarks/NOTES.md): on CUDA the decode step runs on a preallocated cache and
 buffers and is replayed as one CUDA graph (StaticDecoder); sampling stays on the GPU and the
 host waits for it only to stream tokens or, every EOS_CHECK_EVERY steps, to see if all stopped.
@@ -17,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gpt2.attention import KVCache
-from gpt2.model import GPT
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -75,7 +77,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return tokens, valid
 
 
-def prefill(model: GPT, tokens: Tensor, valid: Tensor, cache: KVCache) -> Tensor:
+def prefill(model: nn.Module, tokens: Tensor, valid: Tensor, cache: KVCache) -> Tensor:
     """Run tokens (B, T) (left-padded; valid (B, T)) into an empty cache; return last logits (B, V)."""
     B, T = tokens.size()
     S = cache.max_len
@@ -91,7 +93,9 @@ def prefill(model: GPT, tokens: Tensor, valid: Tensor, cache: KVCache) -> Tensor
     return logits[:, -1, :]
 
 
-def decode_step(model: GPT, token: Tensor, slot: int, position: Tensor, key_valid: Tensor, cache: KVCache) -> Tensor:
+def decode_step(
+    model: nn.Module, token: Tensor, slot: int, position: Tensor, key_valid: Tensor, cache: KVCache
+) -> Tensor:
     """Feed one token per sequence (B,) at cache column `slot` and `position` (B,); keys allowed
     are key_valid (B, S); return logits (B, V)."""
     cache.slots = torch.tensor([slot], device=token.device)
@@ -110,7 +114,7 @@ def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 class EagerDecoder:
     """The plain decode loop's step (the reference): new index and mask tensors every step."""
 
-    def __init__(self, model: GPT, cache: KVCache, valid: Tensor) -> None:
+    def __init__(self, model: nn.Module, cache: KVCache, valid: Tensor) -> None:
         B, P = valid.size()
         self.model, self.cache = model, cache
         self.slot = P - 1  # cache column of the last token fed
@@ -138,7 +142,7 @@ class StaticDecoder:
     """
 
     def __init__(
-        self, model: GPT, cache: KVCache, valid: Tensor, *, cuda_graph: bool = False, compile: bool = False
+        self, model: nn.Module, cache: KVCache, valid: Tensor, *, cuda_graph: bool = False, compile: bool = False
     ) -> None:
         B, P = valid.size()
         device = valid.device
@@ -180,7 +184,7 @@ class StaticDecoder:
             self.logits = self.step(self.model, self.cache, self.token, self.position)
 
 
-def _static_step(model: GPT, cache: KVCache, token: Tensor, position: Tensor) -> Tensor:
+def _static_step(model: nn.Module, cache: KVCache, token: Tensor, position: Tensor) -> Tensor:
     """One decode step on StaticDecoder's buffers, all updated in place: token (B,) goes to the
     next cache column at the next position; returns logits (B, V)."""
     cache.slots.add_(1)  # (1,)
@@ -209,7 +213,7 @@ EOS_CHECK_EVERY = 16
 
 @torch.no_grad()
 def generate_tokens(
-    model: GPT,
+    model: nn.Module,
     tokens: Tensor,
     valid: Tensor,
     max_new_tokens: int,
@@ -294,7 +298,7 @@ def _cut_after_all_stopped(out: Tensor, eos_id: int | None) -> Tensor:
     return out[:, : int(first.max()) + 1]
 
 
-def generate(model: GPT, idx: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
     """idx (B, T) -> (B, T + N): idx followed by up to max_new_tokens sampled tokens.
     Keywords as generate_tokens (temperature, top_k, top_p, generator, eos_id, use_cache, fast, ...)."""
     valid = torch.ones_like(idx, dtype=torch.bool)
@@ -303,7 +307,7 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
 
 
 def generate_batch(
-    model: GPT, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 50256, **kwargs
+    model: nn.Module, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 50256, **kwargs
 ) -> list[list[int]]:
     """Continue prompts of different lengths in one batch; return each one's new tokens (cut
     after eos_id when given)."""

@@ -1,31 +1,34 @@
-"""HuggingFace interop, in one place: OpenAI/HF GPT-2 checkpoints <-> our GPT.
+"""HuggingFace format, in one place: GPT-2's config.json and weight layout <-> ours.
 
 HF's GPT-2 stores the four projection matrices as `Conv1D` weights of shape (in, out); our
-`nn.Linear` holds (out, in). Loading is therefore "transpose those four, copy the rest, assert
-every shape". Our own checkpoints are written in the same format (config.json +
-model.safetensors), so `transformers.GPT2LMHeadModel.from_pretrained(dir)` reads them too.
+`nn.Linear` holds (out, in). Converting is therefore "transpose those four, copy the rest", and
+loading checks every name and shape. Our own checkpoints are written in the same format
+(config.json + model.safetensors), so `transformers.GPT2LMHeadModel.from_pretrained(dir)` reads
+them too. This module converts and reads/writes the files; which directory a `--model` means is
+gpt2.loading's business, and building the GPT is GPT.from_pretrained's.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from gpt2.config import GPTConfig
-from gpt2.model import GPT
+from gpt2.fileio import atomic_write, atomic_write_json
 from gpt2.tokenizer import EOT_ID, write_hf_tokenizer_files
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Non-parameter buffers that older transformers versions saved (causal mask); never needed.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-WEIGHTS_FILE = "model.safetensors"
+TIED_KEY, EMBEDDING_KEY = "lm_head.weight", "transformer.wte.weight"  # one Parameter, two names
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
@@ -89,24 +92,27 @@ def config_to_hf(config: GPTConfig) -> dict:
     }
 
 
-def state_dict_from_hf(hf_sd: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
-    """Our state dict from an HF GPT-2 one (with or without the `transformer.` prefix)."""
+def state_dict_from_hf(hf_sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict (GPT's names, lm_head tied to wte) from an HF GPT-2 one (with or without the
+    `transformer.` prefix)."""
     out = {}
     for key, value in hf_sd.items():
-        if key.endswith(IGNORED_SUFFIXES) or key == "lm_head.weight":
+        if key.endswith(IGNORED_SUFFIXES) or key == TIED_KEY:
             continue  # buffers; lm_head is tied to wte
         name = key if key.startswith("transformer.") else f"transformer.{key}"
         if name.endswith(CONV1D_WEIGHTS):
             value = value.t()
         out[name] = value
+    if EMBEDDING_KEY in out:
+        out[TIED_KEY] = out[EMBEDDING_KEY]
     return out
 
 
-def state_dict_to_hf(model: GPT) -> dict[str, Tensor]:
-    """HF GPT2LMHeadModel's state dict (Conv1D layout; lm_head omitted because it is tied)."""
+def state_dict_to_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """HF GPT2LMHeadModel's state dict (Conv1D layout; lm_head omitted because it is tied) from ours."""
     out = {}
-    for name, value in model.state_dict().items():
-        if name == "lm_head.weight":
+    for name, value in sd.items():
+        if name == TIED_KEY:
             continue
         value = value.detach()
         if name.endswith(CONV1D_WEIGHTS):
@@ -115,11 +121,13 @@ def state_dict_to_hf(model: GPT) -> dict[str, Tensor]:
     return out
 
 
-def load_state_dict_checked(model: GPT, sd: dict[str, Tensor], source: str) -> None:
-    """Copy `sd` into `model`, naming the first missing, unexpected or mis-shaped key."""
-    own = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
+def load_state_dict_checked(model: nn.Module, sd: dict[str, Tensor], source: str) -> None:
+    """Copy `sd` (GPT's names) into the GPT `model`, naming the first missing, unexpected or
+    mis-shaped key; the wte/lm_head tie is kept."""
+    own = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
+    given = {k: v for k, v in sd.items() if k != TIED_KEY}
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
     if missing:
         raise ValueError(
             f"{source}: missing weight {missing[0]!r} ({len(missing)} missing); is this a GPT-2 checkpoint?"
@@ -127,101 +135,28 @@ def load_state_dict_checked(model: GPT, sd: dict[str, Tensor], source: str) -> N
     if unexpected:
         raise ValueError(f"{source}: unexpected weight {unexpected[0]!r} ({len(unexpected)} unexpected)")
     for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
+        if tuple(given[k].shape) != tuple(v.shape):
             raise ValueError(
-                f"{source}: weight {k!r} has shape {tuple(sd[k].shape)}, config.json implies {tuple(v.shape)}"
+                f"{source}: weight {k!r} has shape {tuple(given[k].shape)}, config.json implies {tuple(v.shape)}"
             )
-    model.load_state_dict({**sd, "lm_head.weight": sd["transformer.wte.weight"]}, strict=True)
+    with torch.no_grad():
+        model.load_state_dict({**given, TIED_KEY: given[EMBEDDING_KEY]}, strict=True)
 
 
-def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A local directory holding config.json + weights, for a hub name, an HF directory,
-    one of our checkpoint directories, or a training run directory (its newest checkpoint)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return path
-        latest = latest_checkpoint(path)
-        if latest is not None:
-            return latest
-        raise FileNotFoundError(
-            f"{path} has no config.json and no checkpoints/; expected an HF-format directory "
-            "(config.json + model.safetensors) or a training run directory"
-        )
-    if path.exists():
-        raise ValueError(f"{path} is a file; pass the directory that holds config.json and model.safetensors")
-    name = str(name_or_path)
-    looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
-    if looks_local or ("/" not in name and name not in HUB_MODELS):
-        raise ValueError(
-            f"unknown model {name!r}: not a directory and not one of {', '.join(HUB_MODELS)} "
-            "(or a HuggingFace repo id like 'user/model')"
-        )
-    return _download(name)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint under run_dir/checkpoints (step_XXXXXXXX), or None."""
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    # complete = config.json plus weights: ours (model.safetensors) or FSDP's sharded ones (.metadata)
-    ckpts = [
-        p
-        for p in ckpts
-        if (p / "config.json").is_file() and any((p / f).is_file() for f in (WEIGHTS_FILE, ".metadata"))
-    ]
-    return ckpts[-1] if ckpts else None
-
-
-def _download(repo_id: str) -> Path:
+def read_config(directory: Path) -> GPTConfig:
+    """The GPTConfig of an HF-format directory's config.json (one-line errors for a missing or bad file)."""
+    path = Path(directory) / CONFIG_FILE
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise RuntimeError(
-            f"downloading {repo_id!r} needs huggingface_hub: pip install 'gpt2[hf]' "
-            "(or pass a local HF-format directory)"
-        ) from e
-    try:
-        local = snapshot_download(repo_id, allow_patterns=["config.json", WEIGHTS_FILE])
-    except Exception as e:  # network, auth, missing repo: one line for the user
-        raise RuntimeError(
-            f"could not download {repo_id!r} from the HuggingFace Hub ({type(e).__name__}); "
-            "check the name and your network, or pass a local directory"
-        ) from e
-    return Path(local)
-
-
-def load_model(
-    name_or_path: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    **config_overrides,
-) -> GPT:
-    """GPT loaded from a hub name, an HF directory, a checkpoint or a run directory."""
-    directory = resolve_model_dir(name_or_path)
-    if (directory / ".metadata").is_file():  # a sharded FSDP checkpoint: gather it on this process
-        from gpt2.fsdp import load_consolidated
-
-        return load_consolidated(directory).to(device=device, dtype=dtype)
-    try:
-        hf_config = json.loads((directory / "config.json").read_text())
+        return config_from_hf(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found; {directory} is not an HF-format model directory") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / 'config.json'} is not valid JSON ({e}); the checkpoint is corrupt") from e
-    config = config_from_hf(hf_config)
-    if config_overrides:
-        config = GPTConfig.from_dict({**config.to_dict(), **config_overrides})
-    sd = read_weights(directory)
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device="cpu")
-    load_state_dict_checked(model, state_dict_from_hf(sd, config), str(directory))
-    model.lm_head.weight = model.transformer.wte.weight  # to_empty broke the tie; restore it
-    return model.to(device=device, dtype=dtype)
+        raise ValueError(f"{path} is not valid JSON ({e.msg}); the file is corrupt") from None
 
 
 def read_weights(directory: Path) -> dict[str, Tensor]:
-    """Tensors of model.safetensors, or of pytorch_model.bin read without unpickling code."""
-    st, binfile = directory / WEIGHTS_FILE, directory / "pytorch_model.bin"
+    """Tensors of model.safetensors, or of pytorch_model.bin read without unpickling code (HF names)."""
+    st, binfile = Path(directory) / WEIGHTS_FILE, Path(directory) / LEGACY_WEIGHTS_FILE
     if st.is_file():
         try:
             return load_file(st)
@@ -234,36 +169,23 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
             raise ValueError(
                 f"{binfile} could not be read safely ({type(e).__name__}); convert it to safetensors"
             ) from e
-    raise FileNotFoundError(f"{directory} has config.json but no {WEIGHTS_FILE} or pytorch_model.bin")
+    raise FileNotFoundError(f"{directory} has config.json but no {WEIGHTS_FILE} or {LEGACY_WEIGHTS_FILE}")
 
 
-def save_pretrained(model: GPT, directory: str | Path, *, tokenizer: bool = True) -> None:
-    """Write config.json, model.safetensors (fp32-or-model dtype, HF layout) and the tokenizer
-    files to `directory`, each atomically (temporary file, then rename)."""
-    if not model.config.bias:
+def save_pretrained(model: nn.Module, directory: str | Path, *, tokenizer: bool = True) -> None:
+    """Write the GPT `model` as an HF directory: config.json, model.safetensors (the model's dtype,
+    HF layout), generation_config.json and, with tokenizer=True, the tokenizer files; each file
+    published atomically."""
+    config: GPTConfig = model.config
+    if not config.bias:
         raise ValueError("a model with bias=False has no HuggingFace GPT-2 equivalent; train with bias=True to export")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sd = state_dict_to_hf(model)
-    _atomic(
-        directory / WEIGHTS_FILE, lambda p: save_file({k: v.cpu() for k, v in sd.items()}, p, metadata={"format": "pt"})
-    )
-    hf_config = config_to_hf(model.config)
+    sd = {k: v.cpu() for k, v in state_dict_to_hf(model.state_dict()).items()}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    hf_config = config_to_hf(config)
     hf_config["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    _atomic(directory / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2)))
-    (directory / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}, indent=2)
-    )
+    atomic_write_json(directory / CONFIG_FILE, hf_config)
+    atomic_write_json(directory / "generation_config.json", {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
     if tokenizer:
-        write_hf_tokenizer_files(directory, model_max_length=model.config.block_size)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_hf_tokenizer_files(directory, model_max_length=config.block_size)

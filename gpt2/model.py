@@ -111,15 +111,45 @@ class GPT(nn.Module):
         return generate(self, idx, max_new_tokens, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, **kwargs) -> GPT:
-        """Load OpenAI's GPT-2 ("gpt2" ... "gpt2-xl"), an HF-format directory or one of our
-        checkpoints; see gpt2.hf.load_model."""
-        from gpt2.hf import load_model
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **config_overrides,
+    ) -> GPT:
+        """Load OpenAI's GPT-2 ("gpt2" ... "gpt2-xl"), an HF-format directory, one of our
+        checkpoints or a training run's current one (gpt2.loading says what a name means), with
+        optional config overrides (e.g. dropout=0.1). The one place a GPT is built from disk."""
+        from gpt2.hf import TIED_KEY, load_state_dict_checked
+        from gpt2.loading import read_model
 
-        return load_model(name_or_path, **kwargs)
+        config, state_dict, source = read_model(name_or_path)
+        if config_overrides:
+            config = GPTConfig.from_dict({**config.to_dict(), **config_overrides})
+        with torch.device("meta"):  # no random init of weights about to be replaced
+            model = cls(config)
+        model = model.to_empty(device="cpu")
+        load_state_dict_checked(model, {k: v for k, v in state_dict.items() if k != TIED_KEY}, source)
+        model.lm_head.weight = model.transformer.wte.weight  # to_empty broke the tie; restore it
+        return model.to(device=device, dtype=dtype)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write an HF-format directory (config.json, model.safetensors, tokenizer files)."""
         from gpt2.hf import save_pretrained
 
         save_pretrained(self, directory)
+
+
+def unwrap_model(module: nn.Module) -> GPT:
+    """The GPT inside torch.compile (`_orig_mod`) and DDP (`module`) wrappers (FSDP2 keeps the GPT itself)."""
+    while not isinstance(module, GPT):
+        inner = getattr(module, "_orig_mod", None)
+        inner = inner if inner is not None else getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            raise ValueError(
+                f"expected a gpt2.GPT (possibly compiled, DDP-wrapped or sharded), got {type(module).__name__}"
+            )
+        module = inner
+    return module

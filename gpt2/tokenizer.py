@@ -18,6 +18,8 @@ from pathlib import Path
 
 import tiktoken
 
+from gpt2.fileio import atomic_write_json, atomic_write_text
+
 ASSETS = Path(__file__).parent / "assets"
 RANKS_FILE = ASSETS / "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -131,8 +133,8 @@ def hf_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 def write_hf_tokenizer_files(directory: Path, model_max_length: int = 1024) -> None:
     """Write vocab.json, merges.txt and tokenizer_config.json so AutoTokenizer loads GPT-2's BPE."""
     vocab, merges = hf_vocab_and_merges()
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    atomic_write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     config = {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": model_max_length,
@@ -141,4 +143,4 @@ def write_hf_tokenizer_files(directory: Path, model_max_length: int = 1024) -> N
         "unk_token": EOT_TOKEN,
         "add_prefix_space": False,
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    atomic_write_json(directory / "tokenizer_config.json", config)

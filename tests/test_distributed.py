@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gpt2.checkpoint import latest_checkpoint
 from gpt2.data import write_shard
 from gpt2.distributed import DistInfo, all_reduce_mean, init_distributed
-from gpt2.hf import latest_checkpoint
 from gpt2.metrics import read_metrics
 from gpt2.training import build_config, main
 

@@ -22,10 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from gpt2 import GPT
-from gpt2.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint
+from gpt2.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
 from gpt2.cli import main as cli_main
 from gpt2.data import write_shard
-from gpt2.hf import latest_checkpoint
 from gpt2.metrics import flops_per_token, peak_flops, read_metrics
 from gpt2.training import (
     QUICKSTART,
@@ -281,7 +280,7 @@ def test_checkpoint_save_is_atomic(data_root, tmp_path, monkeypatch):
         Path(path).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("gpt2.checkpoint.torch.save", dies)
+    monkeypatch.setattr("gpt2.checkpoint.full.torch.save", dies)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path / "r", 3, model, state, {})
     monkeypatch.undo()

@@ -8,23 +8,20 @@ examples by rank and all-reduces the counts; only rank 0 prints and writes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from gpt2.commands.common import DEVICE_HELP, DTYPE_HELP, MODEL_HELP
+from gpt2.device import DTYPE_CHOICES
 
 TASKS = ("hellaswag", "loss", "lambada")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", choices=TASKS, help="hellaswag, loss (validation loss/perplexity) or lambada")
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="hub name (gpt2 ... gpt2-xl), an HF-format directory, a checkpoint directory or a training run "
-        "directory (its newest checkpoint)",
-    )
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument(
         "--data",
         default=None,
@@ -41,12 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="examples per forward pass (hellaswag: x4 rows; loss: sequences); default 32 on GPU, 4 on CPU",
     )
     parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="compute: fp32 or bf16 autocast (weights stay fp32); auto = bf16 on GPUs that support it, else fp32",
+        "--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP + " (as autocast; the weights stay fp32)"
     )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP + " (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first (GPU runs)")
@@ -77,10 +71,13 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(os.environ, args.device)  # a process group only under torchrun
     rank, world_size, device = info.rank, info.world_size, info.device
     try:
-        from gpt2.hf import load_model
+        from gpt2 import GPT
+        from gpt2.device import autocast_dtype as autocast_dtype_for
 
-        autocast_dtype = _autocast_dtype(args.dtype, device)
-        raw = load_model(args.model, device=device).eval()
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        autocast_dtype = autocast_dtype_for(args.dtype, device)
+        raw = GPT.from_pretrained(args.model, device=device).eval()
         model = torch.compile(raw) if args.compile else raw
         batch_size = args.batch_size or (32 if device.type == "cuda" else 4)
         is_main = rank == 0
@@ -95,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         if is_main:
-            dtype_name = "bf16" if autocast_dtype is torch.bfloat16 else "fp32"
+            from gpt2.device import DTYPE_NAMES
+
+            dtype_name = DTYPE_NAMES[autocast_dtype or torch.float32]
             record = {
                 "task": args.task,
                 "model": str(args.model),
@@ -111,10 +110,10 @@ def run(args: argparse.Namespace) -> int:
             }
             _print_table(record)
             if json_path is not None:
+                from gpt2.fileio import atomic_write_json
+
                 json_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = json_path.with_name(f".{json_path.name}.tmp")
-                tmp.write_text(json.dumps(record, indent=2) + "\n")
-                os.replace(tmp, json_path)
+                atomic_write_json(json_path, record)
                 print(f"wrote {json_path}")
     finally:
         destroy_distributed()
@@ -128,14 +127,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.task == "loss" and args.data is None:
         raise ValueError("gpt2 eval loss needs --data: a directory of token shards or a UTF-8 .txt file")
-
-
-def _autocast_dtype(name: str, device):
-    import torch
-
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.bfloat16 if name == "bf16" else None
 
 
 def _progress(is_main: bool, desc: str):

@@ -5,22 +5,31 @@ from __future__ import annotations
 
 import argparse
 
+WEIGHT_DTYPES = ("fp32", "bf16", "fp16")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RUN_DIR|CKPT", help="a training run (its newest checkpoint) or a checkpoint")
     parser.add_argument("out", metavar="HF_DIR", help="output directory (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty HF_DIR")
+    # Stored weights, not compute precision (what --dtype means elsewhere); --dtype is kept as an alias.
     parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype to write (default fp32)"
+        "--weights-dtype",
+        "--dtype",
+        dest="weights_dtype",
+        choices=WEIGHT_DTYPES,
+        default="fp32",
+        help="dtype of the written weights (default fp32; --dtype is an older name for this option)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
-    from gpt2.hf import load_model, resolve_model_dir, save_pretrained
+    from gpt2 import GPT
+    from gpt2.device import DTYPES
+    from gpt2.hf import save_pretrained
+    from gpt2.loading import model_dir
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -30,12 +39,11 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.source).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist; pass a training run directory or one of its checkpoints")
-    ckpt = resolve_model_dir(source)
+    ckpt = model_dir(str(source)).path
     if out.resolve() == ckpt.resolve():
         raise ValueError(f"HF_DIR {out} is the checkpoint itself; choose another directory")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model = load_model(ckpt, dtype=dtype)
+    model = GPT.from_pretrained(ckpt, dtype=DTYPES[args.weights_dtype])
     save_pretrained(model, out, tokenizer=True)
-    print(f"exported {ckpt} -> {out} ({model.num_params():,} parameters, {args.dtype})")
+    print(f"exported {ckpt} -> {out} ({model.num_params():,} parameters, {args.weights_dtype})")
     print(f"load it with: transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}) or gpt2 generate --model {out}")
     return 0

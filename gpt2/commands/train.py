@@ -19,7 +19,8 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dataclasses import MISSING, fields
 
-    from gpt2.training import TrainingConfig, _base_type, _field_types
+    from gpt2.training.config import TrainingConfig
+    from gpt2.training.settings import base_type, field_types
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
@@ -29,10 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start from the quickstart settings (configs/quickstart.toml): a small GPT on CPython's docs",
     )
-    types = _field_types()
+    types = field_types()
     group = parser.add_argument_group("training settings (defaults: the GPT-2 124M recipe)")
     for f in fields(TrainingConfig):
-        kind, _ = _base_type(types[f.name])
+        kind, _ = base_type(types[f.name])
         names = [f"--{f.name}"]
         if "_" in f.name:
             names.append(f"--{f.name.replace('_', '-')}")

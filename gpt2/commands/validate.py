@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from gpt2.commands.common import MODEL_HELP
+
 PROMPTS = [
     "Hello, I'm a language model,",
     "The capital of France is",
@@ -12,7 +14,7 @@ PROMPTS = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub name, HF-format directory, checkpoint or run directory")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed max |logit difference| (fp32)")
     parser.add_argument("--greedy-tokens", type=int, default=20)
 
@@ -20,15 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from gpt2.hf import load_model, resolve_model_dir
+    from gpt2 import GPT
+    from gpt2.loading import model_dir
     from gpt2.tokenizer import Tokenizer
 
     try:
         from transformers import GPT2LMHeadModel
     except ImportError as e:
         raise RuntimeError("gpt2 validate needs transformers: pip install 'gpt2[hf]'") from e
-    directory = resolve_model_dir(args.model)
-    ours = load_model(directory).eval()
+    directory = model_dir(args.model).path
+    ours = GPT.from_pretrained(directory).eval()
     theirs = GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()
     tok = Tokenizer()
     worst, tokens_equal = 0.0, True

@@ -1,0 +1,54 @@
+"""Training checkpoints: the run directory's layout and completeness rule (layout), HF-format
+checkpoints written by one process (full), and reading sharded DCP checkpoints (sharded; writing
+them is gpt2.fsdp's)."""
+
+from gpt2.checkpoint.full import (
+    STATE_FORMAT,
+    checkpoint_model_config,
+    load_train_config,
+    load_trainer_state,
+    load_weights,
+    save_checkpoint,
+    write_trainer_files,
+)
+from gpt2.checkpoint.layout import (
+    CHECKPOINTS,
+    METRICS,
+    STATE_FILE,
+    TRAIN_CONFIG,
+    checkpoint_name,
+    checkpoint_step,
+    find_checkpoint,
+    holds_run,
+    is_checkpoint,
+    is_sharded,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+)
+
+CONFIG_FILE = TRAIN_CONFIG  # the name gpt2.checkpoint used for train_config.json before the split
+
+__all__ = [
+    "CHECKPOINTS",
+    "CONFIG_FILE",
+    "METRICS",
+    "STATE_FILE",
+    "STATE_FORMAT",
+    "TRAIN_CONFIG",
+    "checkpoint_model_config",
+    "checkpoint_name",
+    "checkpoint_step",
+    "find_checkpoint",
+    "holds_run",
+    "is_checkpoint",
+    "is_sharded",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_train_config",
+    "load_trainer_state",
+    "load_weights",
+    "prune_checkpoints",
+    "save_checkpoint",
+    "write_trainer_files",
+]

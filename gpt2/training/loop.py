@@ -1,0 +1,330 @@
+"""The training loop: `train(plan, info, log)` builds a Trainer and runs it.
+
+    Trainer.__init__   model, optimizer, loaders, trainer state (restored when resuming), strategy
+    Trainer.train      the loop: periodic evaluation, one optimizer step, periodic checkpoints
+    Trainer.train_step one optimizer step (gradient accumulation, clipping, the update)
+    Trainer.evaluate   validation loss, HellaSwag and samples of the weights after `step` updates
+
+The same code runs on one CPU, one GPU, or N processes under torchrun (gpt2.distributed). On CPU in
+float32 a resumed run reproduces the uninterrupted run's losses bit for bit: the checkpoint holds the
+weights (safetensors keep every bit), the optimizer state, the data loader's position and every
+rank's RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from gpt2.checkpoint import TRAIN_CONFIG, prune_checkpoints
+from gpt2.data import DataLoaderLite, LoaderConfig
+from gpt2.device import autocast_dtype, synchronize
+from gpt2.distributed import DistInfo, all_reduce_sum, barrier
+from gpt2.fileio import atomic_write_json
+from gpt2.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops, plot_run
+from gpt2.model import GPT
+from gpt2.training.optim import build_optimizer, set_lr
+from gpt2.training.parallel import Snapshot, make_strategy
+from gpt2.training.periodic import due, load_hellaswag_examples, oom_message, sample_prompt, samples
+from gpt2.training.plan import RunPlan, check_shards
+from gpt2.training.schedule import lr_at
+from gpt2.training.state import RngState, TrainerState
+from gpt2.training.step import StepKernels, apply_gradients, clip_gradients, forward_backward
+
+PRECISION = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
+
+
+class StopFlag(Protocol):
+    """Asks the loop to stop after the current step (gpt2.training.shell.GracefulStop is one)."""
+
+    signum: int | None
+
+    @property
+    def requested(self) -> bool: ...
+
+
+class NeverStop:
+    signum: int | None = None
+    requested = False
+
+
+@dataclass
+class TrainResult:
+    """How a run ended."""
+
+    step: int  # optimizer steps done
+    last_loss: float | None
+    checkpoint: Path | None  # the newest checkpoint written
+    stopped_by: int | None = None  # the signal that stopped it early, if any
+    val_loss: float | None = None
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite (the run stops; the last good checkpoint is kept)."""
+
+
+def train(plan: RunPlan, info: DistInfo, log: RunLogger, stop: StopFlag | None = None) -> TrainResult:
+    """Run (or continue) the training described by `plan` on this process; every rank calls it."""
+    return Trainer(plan, info, log, stop or NeverStop()).train()
+
+
+class Trainer:
+    """One rank's share of a training run: everything the loop needs, built once."""
+
+    def __init__(self, plan: RunPlan, info: DistInfo, log: RunLogger, stop: StopFlag) -> None:
+        self.plan, self.cfg, self.info, self.log, self.stop = plan, plan.config, info, log, stop
+        cfg, device = self.cfg, info.device
+        self.phase = "setup"
+        data_root = self._prepare_data()
+        model_config = cfg.model_config()
+        self.env = environment_info(device) if info.is_main else {}
+        log.info("config:\n" + cfg.to_toml())
+        log.info("run: " + ", ".join(f"{k}={v}" for k, v in self.env.items() if v is not None))
+        self.amp_dtype = autocast_dtype(cfg.dtype, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+        self.strategy = make_strategy(cfg.parallelism, info, activation_checkpointing=cfg.activation_checkpointing)
+        self.model = self._build_model(model_config)
+        self.optimizer = build_optimizer(self.model, cfg, device)
+        self.train_loader, self.val_loader = self._build_loaders(data_root)
+        self.state = TrainerState(
+            loader=self.train_loader,
+            scaler=self.scaler,
+            rng=RngState(info, cfg.seed),
+            info=info,
+            parallelism=self.strategy.name,
+            tokens_per_step=cfg.total_batch_size,
+        )
+        self.start_step = self._restore()
+        if info.is_main:  # every check has passed: the run's config is recorded
+            plan.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(plan.run_dir / TRAIN_CONFIG, cfg.to_dict())
+        self.train_model = self.strategy.wrap(self.model, compile=self.compile)
+        self.kernels = StepKernels.for_device(device)
+        self.hellaswag = load_hellaswag_examples(cfg, log.info)
+        self.prompt = sample_prompt(cfg, model_config.vocab_size, log.info)
+        self.flops_per_token = flops_per_token(model_config, self.model.num_params(non_embedding=True), cfg.seq_len)
+        self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self._describe()
+        self.last_loss: float | None = None
+        self.last_val: float | None = None
+        self.last_ckpt: Path | None = None
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def _prepare_data(self) -> Path:
+        """The shards to read; tokenizes --data into RUN_DIR/data first (rank 0; the others wait)."""
+        root = self.plan.data_root
+        if self.cfg.data is not None:
+            if self.info.is_main:
+                from gpt2.training.corpus import prepare_data
+
+                prepare_data(self.cfg.data, root, self.plan.run_dir, self.log.info)
+            barrier()
+            check_shards(root, self.cfg.model_config())
+        return root
+
+    def _build_model(self, model_config) -> GPT:
+        """Same initial weights on every rank (DDP also broadcasts rank 0's), then a different random
+        stream per rank (dropout)."""
+        cfg, info = self.cfg, self.info
+        torch.manual_seed(cfg.seed)
+        model = GPT(model_config).to(info.device)
+        torch.manual_seed(cfg.seed + info.rank)
+        if info.device.type == "cuda":
+            torch.cuda.manual_seed(cfg.seed + info.rank)
+        return self.strategy.prepare(model, compile=self.compile, amp_dtype=self.amp_dtype)
+
+    def _build_loaders(self, data_root: Path) -> tuple[DataLoaderLite, DataLoaderLite | None]:
+        cfg, info = self.cfg, self.info
+        common = dict(
+            batch_size=cfg.micro_batch_size,
+            seq_len=cfg.seq_len,
+            process_rank=info.rank,
+            world_size=info.world_size,
+            master_process=info.is_main,
+        )
+        train_config = LoaderConfig(data_root, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **common)
+        train_loader = DataLoaderLite(train_config, device=info.device, log=self.log.info)
+        val_loader = None
+        if cfg.eval_interval > 0:
+            try:
+                val_loader = DataLoaderLite(LoaderConfig(data_root, split="val", **common), device=info.device)
+            except FileNotFoundError:
+                self.log.info(f"note: no val shards in {data_root}; validation loss is skipped")
+        return train_loader, val_loader
+
+    def _restore(self) -> int:
+        """Load the resumed checkpoint into every component; the step to start from."""
+        ckpt = self.plan.resume_from
+        if ckpt is None:
+            self.log.log_event({"event": "start", "world_size": self.info.world_size, **self.env})
+            return 0
+        state = self.strategy.load(ckpt, self.model, self.optimizer)
+        step, note = self.state.load_state_dict(state)
+        if note:
+            self.log.info(f"note: {note}")
+        self.log.info(f"resumed from {ckpt} at step {step}")
+        self.log.log_event({"event": "resume", "step": step, "checkpoint": str(ckpt)})
+        return step
+
+    def _describe(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.log.info(
+            f"model: {cfg.model} {self.model.num_params():,} parameters | {info.world_size} process(es) on "
+            f"{info.device.type} | {PRECISION[self.amp_dtype]} | compile {'on' if self.compile else 'off'} | "
+            f"{cfg.total_batch_size:,} tokens/step = {cfg.micro_batch_size} x {cfg.seq_len} x {info.world_size} "
+            f"x {self.plan.grad_accum_steps} accumulation"
+        )
+        if info.device.type == "cuda" and self.peak is None:
+            name = torch.cuda.get_device_name(info.device)
+            self.log.info(f"note: unknown peak FLOP/s for {name}; MFU is not reported")
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        self.log.start(self.start_step, cfg.max_steps)
+        try:
+            for step in range(self.start_step, cfg.max_steps):
+                self.evaluate(step, last=False)
+                stopping = self.train_step(step)
+                done = step + 1
+                interval = cfg.checkpoint_interval
+                if stopping or done == cfg.max_steps or (interval and done % interval == 0):
+                    self.checkpoint(done)
+                if stopping:
+                    return self._stopped(done)
+            self.evaluate(cfg.max_steps, last=True)
+        except torch.cuda.OutOfMemoryError as e:
+            raise RuntimeError(oom_message(self.phase, cfg)) from e
+        finally:
+            self.log.end_progress()
+        self._plot()
+        return TrainResult(cfg.max_steps, self.last_loss, self.last_ckpt, val_loss=self.last_val)
+
+    def train_step(self, step: int) -> bool:
+        """One optimizer step (the weights after `step` updates -> `step + 1`), logged; returns
+        whether any rank was asked to stop (all ranks agree)."""
+        cfg, info, device = self.cfg, self.info, self.info.device
+        self.phase = "training"
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = forward_backward(
+            self.train_model,
+            self.train_loader.next_batch,
+            self.plan.grad_accum_steps,
+            amp_dtype=self.amp_dtype,
+            scaler=self.scaler,
+            kernels=self.kernels,
+            no_sync=self.strategy.no_sync,
+        )
+        grad_norm = clip_gradients(self.optimizer, cfg.grad_clip, self.scaler)
+        # One collective for the logged loss and the stop request, so every rank agrees on both.
+        shared = torch.stack([loss.float(), torch.tensor(float(self.stop.requested), device=device)])
+        loss_value, stop_votes = (all_reduce_sum(shared) / torch.tensor([info.world_size, 1], device=device)).tolist()
+        self._check_finite(step, loss_value, float(grad_norm))
+        apply_gradients(self.optimizer, self.scaler)
+        synchronize(device)
+        self.last_loss = loss_value
+        self._log_step(step, loss_value, lr, float(grad_norm), time.perf_counter() - t0)
+        return stop_votes > 0
+
+    def _check_finite(self, step: int, loss: float, norm: float) -> None:
+        if math.isfinite(loss) and (self.scaler is not None or math.isfinite(norm)):
+            return
+        from gpt2.checkpoint import latest_checkpoint
+
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+        good = self.last_ckpt or latest_checkpoint(self.plan.run_dir)
+        raise NonFiniteLossError(
+            f"{what} at step {step}: training stopped; the last good checkpoint is {good or '(none yet)'}; "
+            "lower --max_lr or raise --warmup_steps and resume from it"
+        )
+
+    def _log_step(self, step: int, loss: float, lr: float, norm: float, seconds: float) -> None:
+        tokens_per_sec = self.cfg.total_batch_size / seconds
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": norm,
+            "step_time": seconds,
+            "tokens_per_sec": tokens_per_sec,
+            "tokens": (step + 1) * self.cfg.total_batch_size,
+        }
+        peak = self.peak if self.amp_dtype is not None else None
+        utilization = mfu(self.flops_per_token, tokens_per_sec / self.info.world_size, peak)
+        if utilization is not None:
+            record["mfu"] = utilization
+        if self.info.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
+        self.log.log_train(record)
+
+    def evaluate(self, step: int, last: bool) -> None:
+        """Periodic evaluation of the weights after `step` updates (every rank calls it)."""
+        cfg, info = self.cfg, self.info
+        record: dict[str, Any] = {}
+        if self.val_loader is not None and due(step, cfg.eval_interval, last):
+            from gpt2.evaluation import evaluate_loss
+
+            self.phase = "validation"
+            self.last_val = evaluate_loss(self.model, self.val_loader, cfg.val_steps, autocast_dtype=self.amp_dtype)
+            record["val_loss"] = self.last_val
+        if self.hellaswag and due(step, cfg.hellaswag_interval, last):
+            from gpt2.evaluation import evaluate_hellaswag
+
+            self.phase = "hellaswag"
+            shared = self.strategy.shares_evaluation
+            result = evaluate_hellaswag(
+                self.model,
+                self.hellaswag,
+                batch_size=cfg.hellaswag_batch_size,
+                device=info.device,
+                autocast_dtype=self.amp_dtype,
+                rank=info.rank if shared else 0,
+                world_size=info.world_size if shared else 1,
+            )
+            record.update(hellaswag_acc=result["acc"], hellaswag_acc_norm=result["acc_norm"])
+        if record:
+            self.log.log_eval({"step": step, **record})
+        if self.prompt and due(step, cfg.sample_interval, last):
+            self.phase = "sampling"
+            sampler = self.strategy.sampling_model(self.model)
+            if sampler is not None:
+                for i, text in enumerate(samples(sampler, self.prompt, cfg, step, info.device)):
+                    self.log.info(f"sample {i}: {text!r}")
+
+    def checkpoint(self, step: int) -> None:
+        """Save the state after `step` updates, then keep only the newest keep_last_k (every rank calls it)."""
+        self.phase = "checkpoint"
+        snap = Snapshot(step, self.model, self.optimizer, self.state.state_dict(step), self.cfg.to_dict())
+        path = self.strategy.save(self.plan.run_dir, snap)
+        if self.info.is_main:
+            if self.cfg.keep_last_k:
+                prune_checkpoints(self.plan.run_dir, self.cfg.keep_last_k)
+            self.last_ckpt = path
+            self.log.info(f"saved checkpoint {path}")
+
+    def _stopped(self, step: int) -> TrainResult:
+        self.log.info(
+            f"stopped at step {step}/{self.cfg.max_steps}; continue with: gpt2 train --resume {self.plan.run_dir}"
+        )
+        self.log.log_event({"event": "stop", "step": step})
+        return TrainResult(step, self.last_loss, self.last_ckpt, stopped_by=self.stop.signum or signal.SIGTERM)
+
+    def _plot(self) -> None:
+        if not (self.info.is_main and self.cfg.plot):
+            return
+        try:
+            self.log.info(f"loss curve: {plot_run(self.plan.run_dir)}")
+        except RuntimeError as e:  # matplotlib missing: say so, the run itself succeeded
+            self.log.info(f"note: {e}")

@@ -1,0 +1,146 @@
+"""Planning a run: every check that needs no writing (run directory, resume point, batch geometry,
+data), done before anything is created, so a run that cannot work fails with one line and leaves
+no trace."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from gpt2.checkpoint import CHECKPOINTS, checkpoint_model_config, checkpoint_step, find_checkpoint, holds_run
+from gpt2.config import GPTConfig
+from gpt2.training.config import BUILTIN_CORPUS, TrainingConfig
+
+DATA_DIR = "data"  # RUN_DIR/data: the shards of --data FILE
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A checked run: its config (out_dir resolved to the run directory), the checkpoint it
+    continues (if any), its batch geometry, and where its token shards are (or will be)."""
+
+    config: TrainingConfig
+    run_dir: Path
+    resume_from: Path | None
+    grad_accum_steps: int
+    world_size: int
+
+    @property
+    def start_step(self) -> int:
+        """Optimizer steps already done (the resumed checkpoint's step), else 0."""
+        return checkpoint_step(self.resume_from) if self.resume_from is not None else 0
+
+    @property
+    def data_root(self) -> Path:
+        """The shards the run reads: RUN_DIR/data when it tokenizes --data itself, else data_root."""
+        if self.config.data is not None:
+            return self.run_dir / DATA_DIR
+        return Path(self.config.data_root).expanduser()
+
+
+def resolve_resume(resume: str, out_dir: str | Path) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to load or None) for --resume auto | RUN_DIR | CHECKPOINT_DIR."""
+    if resume == "auto":
+        run_dir = Path(out_dir).expanduser()
+        return run_dir, find_checkpoint(run_dir) if run_dir.is_dir() else None
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such run or checkpoint directory")
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(
+            f"--resume {resume}: no checkpoint in {path / CHECKPOINTS}; nothing to resume "
+            "(start a new run with another --out_dir, or --resume auto to start it if empty)"
+        )
+    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else path
+    return run_dir, ckpt
+
+
+def batch_geometry(cfg: TrainingConfig, world_size: int) -> int:
+    """Micro-steps per optimizer step; ValueError naming the nearest valid sizes if it does not divide."""
+    per_micro = cfg.micro_batch_size * cfg.seq_len * world_size
+    if cfg.total_batch_size % per_micro == 0:
+        return cfg.total_batch_size // per_micro
+    lower = max(per_micro, cfg.total_batch_size // per_micro * per_micro)
+    upper = lower + per_micro if lower < cfg.total_batch_size else lower
+    raise ValueError(
+        f"total_batch_size {cfg.total_batch_size:,} is not divisible by micro_batch_size*seq_len*world_size = "
+        f"{cfg.micro_batch_size}*{cfg.seq_len}*{world_size} = {per_micro:,}; "
+        f"nearest valid total_batch_size: {lower:,} or {upper:,}"
+    )
+
+
+def plan_run(cfg: TrainingConfig, world_size: int = 1) -> RunPlan:
+    """Check a run before anything is written: run directory, resume point, batch geometry, data."""
+    accum = batch_geometry(cfg, world_size)
+    out_dir = Path(cfg.out_dir).expanduser()
+    resume_from = None
+    if cfg.resume is None:
+        if out_dir.is_file():
+            raise FileExistsError(f"out_dir {out_dir} is a file; choose a directory with --out_dir")
+        if holds_run(out_dir):
+            raise FileExistsError(
+                f"{out_dir} already holds a training run; continue it with --resume {out_dir} "
+                "(or --resume auto), or start a new one with another --out_dir"
+            )
+        run_dir = out_dir
+    else:
+        run_dir, resume_from = resolve_resume(cfg.resume, out_dir)
+        if cfg.resume != "auto" and run_dir.resolve() != out_dir.resolve():
+            raise ValueError(
+                f"--resume {cfg.resume} continues the run in {run_dir}, but out_dir is {out_dir}; drop --out_dir"
+            )
+        if resume_from is not None:
+            check_same_model(resume_from, cfg.model_config())
+    plan = RunPlan(replace(cfg, out_dir=str(run_dir)), run_dir, resume_from, accum, world_size)
+    check_data(plan)
+    return plan
+
+
+def check_same_model(ckpt: Path, model_config: GPTConfig) -> None:
+    """ValueError naming every field in which the checkpoint's model differs from the configured one."""
+    differ = checkpoint_model_config(ckpt).diff(model_config)
+    if differ:
+        raise ValueError(
+            f"cannot resume {ckpt}: the model config differs from the checkpoint's "
+            f"({'; '.join(d.replace(' != ', ' (checkpoint) != ') + ' (now)' for d in differ)}); "
+            "drop the model overrides or start a new run"
+        )
+
+
+def check_data(plan: RunPlan) -> None:
+    """The run's data exists and fits the model: a --data file to tokenize, or shards in data_root
+    (checked again once --data is tokenized)."""
+    cfg = plan.config
+    if cfg.data is not None and not (plan.data_root / "manifest.json").is_file():
+        if cfg.data != BUILTIN_CORPUS and not Path(cfg.data).expanduser().is_file():
+            raise FileNotFoundError(f"--data {cfg.data}: no such file; pass a .txt/.jsonl file or {BUILTIN_CORPUS}")
+        return
+    check_shards(plan.data_root, cfg.model_config())
+
+
+def check_shards(root: Path, model_config: GPTConfig) -> None:
+    """One-line errors for a missing or empty data_root and for shards of another vocabulary."""
+    from gpt2.data import find_shards, open_shard
+
+    if not root.exists():
+        raise FileNotFoundError(
+            f"data_root {root} does not exist; create shards with `gpt2 prepare SOURCE --out {root}`, "
+            "or train on a text file with --data FILE.txt"
+        )
+    for path in find_shards(root, "train"):
+        _, vocab = open_shard(path)
+        if vocab > model_config.vocab_size:
+            raise ValueError(
+                f"{path} holds token ids up to {vocab - 1} (vocab {vocab}) but the model's vocab_size is "
+                f"{model_config.vocab_size}; these shards come from another tokenizer, re-create them with gpt2 prepare"
+            )
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        tok = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer", {})
+        if tok.get("vocab_size", model_config.vocab_size) > model_config.vocab_size:
+            raise ValueError(
+                f"{root} was tokenized with vocab_size {tok['vocab_size']} but the model has "
+                f"{model_config.vocab_size}; re-create the shards with gpt2 prepare"
+            )

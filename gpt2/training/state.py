@@ -1,0 +1,83 @@
+"""The trainer state: the parts of a run that a checkpoint restores besides the model and the
+optimizer. Each part saves and restores itself (`state_dict` / `load_state_dict`); TrainerState
+collects them into the one dict that every checkpoint stores as trainer_state.pt:
+
+    {"format": 1, "step", "tokens_seen", "world_size", "parallelism",
+     "loader": DataLoaderLite state, "scaler": GradScaler state or None, "rng": [every rank's RNG state],
+     "optimizer": AdamW state (only where the parallelism strategy stores it here, not in DCP shards)}
+
+Everything in it is a tensor, number, string, list or dict, so it loads with weights_only=True.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gpt2.checkpoint import STATE_FORMAT
+from gpt2.distributed import DistInfo, all_gather_objects
+
+
+class RngState:
+    """This process's random streams (CPU, and CUDA on a GPU). Saving gathers every rank's (a
+    collective: every rank calls it); restoring takes this rank's, or re-seeds when the number
+    of processes changed."""
+
+    def __init__(self, info: DistInfo, seed: int) -> None:
+        self.info, self.seed = info, seed
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+        if self.info.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.info.device)
+        return all_gather_objects(state)
+
+    def load_state_dict(self, states: list[dict[str, Any]], step: int) -> str | None:
+        """Restore this rank's streams; returns a note when they had to be re-seeded instead."""
+        if len(states) != self.info.world_size:
+            torch.manual_seed(self.seed + self.info.rank + 1_000_003 * step)
+            return f"checkpoint from {len(states)} process(es), now {self.info.world_size}: RNG streams re-seeded"
+        mine = states[self.info.rank]
+        torch.set_rng_state(mine["cpu"])
+        if self.info.device.type == "cuda" and mine.get("cuda") is not None:
+            torch.cuda.set_rng_state(mine["cuda"], self.info.device)
+        return None
+
+
+class TrainerState:
+    """The stateful components of a run (loader, grad scaler, RNG) and its progress, as one dict."""
+
+    def __init__(
+        self,
+        *,
+        loader: Any,
+        scaler: torch.amp.GradScaler | None,
+        rng: RngState,
+        info: DistInfo,
+        parallelism: str,
+        tokens_per_step: int,
+    ) -> None:
+        self.loader, self.scaler, self.rng = loader, scaler, rng
+        self.info, self.parallelism, self.tokens_per_step = info, parallelism, tokens_per_step
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """The state after `step` optimizer steps; a collective (the RNG states are gathered)."""
+        return {
+            "format": STATE_FORMAT,
+            "step": step,
+            "tokens_seen": step * self.tokens_per_step,
+            "world_size": self.info.world_size,
+            "parallelism": self.parallelism,
+            "loader": self.loader.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": self.rng.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> tuple[int, str | None]:
+        """Restore every component; returns (the step to continue from, a note for the log or None)."""
+        step = int(state["step"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["loader"])
+        return step, self.rng.load_state_dict(state.get("rng", []), step)
