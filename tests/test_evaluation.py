@@ -471,11 +471,27 @@ def test_load_lambada_formats(tmp_path):
     assert load_lambada(openai_style) == [LambadaExample("one two three", " four")]
 
 
+def test_lambada_context_continuation_scores_the_joining_space(tmp_path):
+    # ../shared's line 4463 (passage 4462): OpenAI's text was cut at its last space, and the word after it
+    # begins with newlines. lm-eval-harness scores " " + the last word, as our {"text"} path does.
+    context = "She raised her brows when she returned and saw the"
+    text = context + " \n\nrecorder"
+    split = write_lines(tmp_path / "split.jsonl", [{"context": context, "continuation": "\n\nrecorder"}])
+    whole = write_lines(tmp_path / "whole.jsonl", [{"text": text}])
+    expected = LambadaExample(context, " \n\nrecorder")
+    assert load_lambada(split) == load_lambada(whole) == [expected]
+    [(ctx, tgt)], _ = lambada_requests([expected], 64)
+    assert tgt == TOK.encode(" \n\nrecorder") and ctx + tgt == TOK.encode(text)
+
+
 def test_shared_lambada_loads():
-    exs = load_lambada(shared("lambada/lambada_openai.jsonl"))
-    assert len(exs) == 5153
-    assert all(e.target[0].isspace() and not e.context[-1].isspace() for e in exs)
-    assert sum(e.target.startswith(" ") for e in exs) == 5152  # one target is "\n\nrecorder" in the file
+    path = shared("lambada/lambada_openai.jsonl")
+    exs = load_lambada(path)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(exs) == len(rows) == 5153
+    # every passage is context + " " + its last word, exactly as the file splits it
+    assert [(e.context, e.target) for e in exs] == [(r["context"], " " + r["continuation"]) for r in rows]
+    assert exs[4462].target == " \n\nrecorder"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ Conventions (docs/evaluation.md has the long version):
 - Contexts longer than the model's context are truncated from the left (oldest tokens dropped), the same
   number of tokens for all 4 endings of an example, and counted (`n_truncated`). An ending that alone does
   not fit (more than block_size tokens) is an error.
-- LAMBADA (OpenAI version, GPT-2's zero-shot benchmark): the target is the last word with its leading
-  space. acc: every target token is the argmax given the true prefix (= greedy decoding reproduces the
-  word). ppl: exp(-mean over examples of log p(target)), lm-eval-harness's `perplexity`; ppl_token:
+- LAMBADA (OpenAI version, GPT-2's zero-shot benchmark): the target is the last space-separated word with
+  a leading space, whether a file has {"text"} lines or {"context", "continuation"} halves. acc: every
+  target token is the argmax given the true prefix (= greedy decoding reproduces the word). ppl:
+  exp(-mean over examples of log p(target)), lm-eval-harness's `perplexity`; ppl_token:
   exp(-total log p / total target tokens).
 - Loss: mean cross-entropy per predicted token (nats), perplexity = exp(loss). A text file is one
   document after <|endoftext|>, cut into non-overlapping windows of seq_len (each token predicted once,

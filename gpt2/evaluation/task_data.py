@@ -136,19 +136,22 @@ def _hellaswag_example(obj: dict, where: str, position: int) -> HellaSwagExample
 
 def _lambada_example(obj: dict, where: str) -> LambadaExample:
     if "text" in obj and "context" not in obj:
-        text = _field(obj, "text", where, str).rstrip()
-        if " " not in text:
-            raise ValueError(f"{where}: field 'text' has no space to split off the last word")
-        context, word = text.rsplit(" ", 1)
-        return LambadaExample(context, " " + word)
+        return _last_word_example(_field(obj, "text", where, str), where)
     context = _field(obj, "context", where, str)
     continuation = _field(obj, "continuation", where, str)
     if not context.strip() or not continuation.strip():
         raise ValueError(f"{where}: fields 'context' and 'continuation' must be non-empty")
-    # The word belongs with its separator (GPT-2's BPE encodes " word" as one piece); move trailing
-    # whitespace of the context onto the target, or add the single space the two fields are split at.
-    stripped = context.rstrip()
-    sep = context[len(stripped) :]
-    if not sep and not continuation[0].isspace():
-        sep = " "
-    return LambadaExample(stripped, sep + continuation)
+    # ../shared's file is OpenAI's text cut at the last space: join the two halves with that space (unless
+    # the context kept it) and split as a {"text"} line, so "saw the" + "\n\nrecorder" scores " \n\nrecorder"
+    # as lm-eval-harness does, not "\n\nrecorder" without the joining space.
+    joiner = "" if context.endswith(" ") else " "
+    return _last_word_example(context + joiner + continuation, where)
+
+
+def _last_word_example(text: str, where: str) -> LambadaExample:
+    """The passage without its last space-separated word, and " " + that word (lm-eval-harness's split)."""
+    text = text.rstrip()
+    if " " not in text:
+        raise ValueError(f"{where}: field 'text' has no space to split off the last word")
+    context, word = text.rsplit(" ", 1)
+    return LambadaExample(context, " " + word)
