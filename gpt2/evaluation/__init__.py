@@ -11,9 +11,10 @@ Conventions (docs/evaluation.md has the long version):
   sum_t log p(ending_t | context, ending_<t).
     acc             argmax of the summed log-likelihood
     acc_norm        argmax of the mean log-likelihood per ending token (build-nanogpt's acc_norm)
-    acc_norm_bytes  argmax of the summed log-likelihood / len(ending), lm-eval-harness's acc_norm. lm-eval
-                    divides by `len(choice)` of the Python string (characters, no leading space); that is
-                    the byte length for ASCII, which is all but 181 of the 10,042 validation endings.
+    acc_norm_chars  argmax of the summed log-likelihood / len(ending), lm-eval-harness's acc_norm. lm-eval
+                    divides by `len(choice)` of the Python string (characters, no leading space), which is
+                    the byte length only for ASCII (all but 181 of the 10,042 validation endings).
+                    `acc_norm_bytes` is a deprecated alias of it, kept in the results for now.
   With prompt="lm-eval" the context is also built the lm-eval way ("<activity_label>: <ctx_a> <Ctx_b>",
   bracket markers removed); the default "completion" uses `ctx` as it is.
 - Contexts longer than the model's context are truncated from the left (oldest tokens dropped), the same

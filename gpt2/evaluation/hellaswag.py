@@ -15,6 +15,9 @@ from gpt2.evaluation.task_data import HellaSwagExample
 from gpt2.tokenizer import EOT_ID, Tokenizer
 
 PROMPTS = ("completion", "lm-eval")
+# Deprecated keys, still in the results for now: "bytes" named lm-eval's normaliser wrongly (it is characters).
+DEPRECATED_KEYS = {"acc_norm_bytes": "acc_norm_chars", "correct_norm_bytes": "correct_norm_chars"}
+DEPRECATED_EXAMPLE_KEYS = {"pred_norm_bytes": "pred_norm_chars"}
 
 
 def hellaswag_prompt(example: HellaSwagExample, prompt: str = "completion") -> tuple[str, list[str]]:
@@ -83,9 +86,10 @@ def evaluate_hellaswag(
 ) -> dict:
     """HellaSwag accuracy of `model` on `examples`, batch_size examples (4 rows each) per forward pass.
 
-    Returns {"acc", "acc_norm", "acc_norm_bytes", "n", "n_truncated", "correct", "correct_norm",
-    "correct_norm_bytes", "prompt"} over all ranks; with per_example=True also "examples": this rank's
-    [{"ind", "label", "pred", "pred_norm", "pred_norm_bytes", "logprobs", "num_tokens"}].
+    Returns {"acc", "acc_norm", "acc_norm_chars", "n", "n_truncated", "correct", "correct_norm",
+    "correct_norm_chars", "prompt"} over all ranks; with per_example=True also "examples": this rank's
+    [{"ind", "label", "pred", "pred_norm", "pred_norm_chars", "logprobs", "num_tokens"}]. The deprecated
+    aliases acc_norm_bytes, correct_norm_bytes and pred_norm_bytes repeat the *_chars values.
     rank / world_size default to torch.distributed's when it is initialized, else 0 / 1; counts are
     all-reduced when it is initialized and world_size > 1.
     """
@@ -110,19 +114,20 @@ def evaluate_hellaswag(
     labels = torch.tensor([ex.label for ex in shard], dtype=torch.long)  # (N,)
     hits = [(p == labels).sum().item() for p in preds.values()]
     counts = torch.tensor([len(shard), *hits, truncated], dtype=torch.float64)
-    n, correct, correct_norm, correct_bytes, n_truncated = (int(v) for v in sum_over_ranks(counts, world_size))
+    n, correct, correct_norm, correct_chars, n_truncated = (int(v) for v in sum_over_ranks(counts, world_size))
     ratio = lambda k: k / n if n else math.nan  # noqa: E731  (n == 0: a rank with an empty shard)
     result = {
         "acc": ratio(correct),
         "acc_norm": ratio(correct_norm),
-        "acc_norm_bytes": ratio(correct_bytes),
+        "acc_norm_chars": ratio(correct_chars),
         "n": n,
         "n_truncated": n_truncated,
         "correct": correct,
         "correct_norm": correct_norm,
-        "correct_norm_bytes": correct_bytes,
+        "correct_norm_chars": correct_chars,
         "prompt": prompt,
     }
+    result.update({old: result[new] for old, new in DEPRECATED_KEYS.items()})
     if per_example:
         result["examples"] = _per_example(shard, preds, logprob, num_tokens)
     return result
@@ -135,7 +140,7 @@ def _predictions(logprob: Tensor, num_tokens: Tensor, lengths: list[list[int]]) 
     return {
         "pred": logprob.argmax(dim=1),
         "pred_norm": (logprob / num_tokens).argmax(dim=1),
-        "pred_norm_bytes": (logprob / chars).argmax(dim=1),
+        "pred_norm_chars": (logprob / chars).argmax(dim=1),
     }
 
 
@@ -147,6 +152,7 @@ def _per_example(
             "ind": ex.ind,
             "label": ex.label,
             **{key: int(pred[i]) for key, pred in preds.items()},
+            **{old: int(preds[new][i]) for old, new in DEPRECATED_EXAMPLE_KEYS.items()},
             "logprobs": logprob[i].tolist(),
             "num_tokens": num_tokens[i].tolist(),
         }
