@@ -80,7 +80,7 @@ def main() -> int:
     preds = {e["ind"]: e["pred_norm"] for e in batched["examples"]}
     differ = sum(preds[e["ind"]] != e["pred_norm"] for e in single["examples"])
     speedup = (t_single / len(baseline_examples)) / (t_batched / len(examples))
-    headers = ["scorer", "examples", "seconds", "examples/s", "acc", "acc_norm", "acc_norm_bytes", "peak GiB"]
+    headers = ["scorer", "examples", "seconds", "examples/s", "acc", "acc_norm", "acc_norm_chars", "peak GiB"]
     body = table(headers, rows)
     body += (
         f"\n\nmodel: {model_name} ({n_params:,} parameters), {'bf16 autocast' if amp else 'fp32'}, data: {data}. "
@@ -102,7 +102,7 @@ def _row(name: str, result: dict, seconds: float, device: torch.device) -> list[
         f"{result['n'] / seconds:.1f}",
         f"{result['acc']:.4f}",
         f"{result['acc_norm']:.4f}",
-        f"{result['acc_norm_bytes']:.4f}",
+        f"{result['acc_norm_chars']:.4f}",
         f"{peak_gib(device):.2f}",
     ]
 

@@ -112,7 +112,7 @@ def ref_hellaswag(model64: nn.Module, examples: list[HellaSwagExample]) -> list[
                 "logprobs": lps,
                 "pred": first_argmax(lps),
                 "pred_norm": first_argmax([lp / len(e) for lp, e in zip(lps, ends)]),
-                "pred_norm_bytes": first_argmax([lp / len(s) for lp, s in zip(lps, ex.endings)]),
+                "pred_norm_chars": first_argmax([lp / len(s) for lp, s in zip(lps, ex.endings)]),
             }
         )
     return out
@@ -139,20 +139,26 @@ def test_hellaswag_matches_float64_reference(model, examples):
     ours64 = by_ind(evaluate_hellaswag(double(model), examples, batch_size=3, per_example=True))
     for r in ref:
         for got, tol in ((ours[r["ind"]], 1e-4), (ours64[r["ind"]], 1e-9)):
-            assert (got["pred"], got["pred_norm"], got["pred_norm_bytes"]) == (
+            assert (got["pred"], got["pred_norm"], got["pred_norm_chars"]) == (
                 r["pred"],
                 r["pred_norm"],
-                r["pred_norm_bytes"],
+                r["pred_norm_chars"],
             )
             assert got["logprobs"] == pytest.approx(r["logprobs"], rel=tol, abs=tol)
     # the three conventions are not all the same on random endings (else the test would prove little)
-    assert any(r["pred"] != r["pred_norm"] or r["pred"] != r["pred_norm_bytes"] for r in ref)
+    assert any(r["pred"] != r["pred_norm"] or r["pred"] != r["pred_norm_chars"] for r in ref)
     assert result["n"] == len(examples)
     assert result["acc"] == sum(r["pred"] == ex.label for r, ex in zip(ref, examples)) / len(examples)
     assert result["acc_norm"] == sum(r["pred_norm"] == ex.label for r, ex in zip(ref, examples)) / len(examples)
-    assert result["acc_norm_bytes"] == pytest.approx(
-        sum(r["pred_norm_bytes"] == ex.label for r, ex in zip(ref, examples)) / len(examples)
+    assert result["acc_norm_chars"] == pytest.approx(
+        sum(r["pred_norm_chars"] == ex.label for r, ex in zip(ref, examples)) / len(examples)
     )
+    # the deprecated names are aliases of the character-normalised numbers, for now
+    assert (result["acc_norm_bytes"], result["correct_norm_bytes"]) == (
+        result["acc_norm_chars"],
+        result["correct_norm_chars"],
+    )
+    assert all(e["pred_norm_bytes"] == e["pred_norm_chars"] for e in result["examples"])
 
 
 def test_batched_equals_one_at_a_time(model, examples):
@@ -161,10 +167,10 @@ def test_batched_equals_one_at_a_time(model, examples):
         batched = by_ind(evaluate_hellaswag(model, examples, batch_size=batch_size, per_example=True))
         for ind, s in single.items():
             b = batched[ind]
-            assert (b["pred"], b["pred_norm"], b["pred_norm_bytes"]) == (
+            assert (b["pred"], b["pred_norm"], b["pred_norm_chars"]) == (
                 s["pred"],
                 s["pred_norm"],
-                s["pred_norm_bytes"],
+                s["pred_norm_chars"],
             )
             assert b["logprobs"] == pytest.approx(s["logprobs"], abs=1e-5)
 
@@ -284,10 +290,10 @@ def test_conventions_differ_where_they_should():
     exs = [HellaSwagExample(i, "Some context here.", endings, label=i) for i in range(3)]
     result = evaluate_hellaswag(lm, exs, batch_size=2, per_example=True)
     for e in result["examples"]:
-        assert (e["pred"], e["pred_norm"], e["pred_norm_bytes"]) == (0, 1, 2)
+        assert (e["pred"], e["pred_norm"], e["pred_norm_chars"]) == (0, 1, 2)
         assert e["num_tokens"] == [1, 4, 2, 3]
         assert e["logprobs"][1] == pytest.approx(4 * math.log(0.3))
-    assert (result["correct"], result["correct_norm"], result["correct_norm_bytes"]) == (1, 1, 1)
+    assert (result["correct"], result["correct_norm"], result["correct_norm_chars"]) == (1, 1, 1)
 
 
 def test_lm_eval_length_is_characters_without_leading_space():
@@ -328,7 +334,7 @@ def test_sharding_simulated_ranks_cover_each_example_once(model, examples):
         inds = [e["ind"] for p in parts for e in p["examples"]]
         assert sorted(inds) == sorted(ex.ind for ex in examples)  # each exactly once
         assert sum(p["n"] for p in parts) == len(examples)  # no process group: nothing all-reduced
-        for key in ("correct", "correct_norm", "correct_norm_bytes"):
+        for key in ("correct", "correct_norm", "correct_norm_chars"):
             assert sum(p[key] for p in parts) == full[key]
     with pytest.raises(ValueError, match="rank"):
         evaluate_hellaswag(model, examples, rank=2, world_size=2)
@@ -369,7 +375,7 @@ def test_sharding_real_two_process_gloo(tmp_path, model, examples):
     full = evaluate_hellaswag(model, examples, batch_size=3)
     for r in ranks:  # every rank holds the all-reduced totals
         assert r["hellaswag"]["n"] == len(examples)
-        for key in ("correct", "correct_norm", "correct_norm_bytes"):
+        for key in ("correct", "correct_norm", "correct_norm_chars"):
             assert r["hellaswag"][key] == full[key]
     inds = [e["ind"] for r in ranks for e in r["hellaswag"]["examples"]]
     assert sorted(inds) == sorted(ex.ind for ex in examples)
@@ -471,11 +477,27 @@ def test_load_lambada_formats(tmp_path):
     assert load_lambada(openai_style) == [LambadaExample("one two three", " four")]
 
 
+def test_lambada_context_continuation_scores_the_joining_space(tmp_path):
+    # ../shared's line 4463 (passage 4462): OpenAI's text was cut at its last space, and the word after it
+    # begins with newlines. lm-eval-harness scores " " + the last word, as our {"text"} path does.
+    context = "She raised her brows when she returned and saw the"
+    text = context + " \n\nrecorder"
+    split = write_lines(tmp_path / "split.jsonl", [{"context": context, "continuation": "\n\nrecorder"}])
+    whole = write_lines(tmp_path / "whole.jsonl", [{"text": text}])
+    expected = LambadaExample(context, " \n\nrecorder")
+    assert load_lambada(split) == load_lambada(whole) == [expected]
+    [(ctx, tgt)], _ = lambada_requests([expected], 64)
+    assert tgt == TOK.encode(" \n\nrecorder") and ctx + tgt == TOK.encode(text)
+
+
 def test_shared_lambada_loads():
-    exs = load_lambada(shared("lambada/lambada_openai.jsonl"))
-    assert len(exs) == 5153
-    assert all(e.target[0].isspace() and not e.context[-1].isspace() for e in exs)
-    assert sum(e.target.startswith(" ") for e in exs) == 5152  # one target is "\n\nrecorder" in the file
+    path = shared("lambada/lambada_openai.jsonl")
+    exs = load_lambada(path)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(exs) == len(rows) == 5153
+    # every passage is context + " " + its last word, exactly as the file splits it
+    assert [(e.context, e.target) for e in exs] == [(r["context"], " " + r["continuation"]) for r in rows]
+    assert exs[4462].target == " \n\nrecorder"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -680,7 +702,7 @@ def test_cli_hellaswag_and_json(tmp_path, tiny_dir, capsys):
     record = json.loads(out.read_text())
     assert record["n"] == 5 and record["task"] == "hellaswag" and record["dtype"] == "fp32"
     text = capsys.readouterr().out
-    assert "acc_norm_bytes" in text and "lm-eval" in text
+    assert "acc_norm_chars" in text and "lm-eval" in text
     assert run_cli(*argv) == 2  # refuses to overwrite
     assert "pass --force" in capsys.readouterr().err
     assert run_cli(*argv, "--force", "--dtype", "bf16", "--batch-size", "2") == 0
@@ -744,8 +766,8 @@ def test_cli_under_torchrun_two_cpu_processes(tmp_path, tiny_dir):
     cmd += ["eval", "hellaswag", "--model", str(tiny_dir), "--data", str(data), "--limit", "7", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("acc_norm_bytes") == 1  # only rank 0 prints
+    assert proc.stdout.count("acc_norm_chars") == 1  # only rank 0 prints
     record = json.loads(out.read_text())
     assert record["world_size"] == 2 and record["n"] == 7
     single = evaluate_hellaswag(GPT.from_pretrained(tiny_dir), load_hellaswag(data)[:7], batch_size=4)
-    assert record["correct"] == single["correct"] and record["correct_norm_bytes"] == single["correct_norm_bytes"]
+    assert record["correct"] == single["correct"] and record["correct_norm_chars"] == single["correct_norm_chars"]

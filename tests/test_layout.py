@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "gpt2"
 SHELLS = ("gpt2.cli", "gpt2.__main__", "gpt2.commands", "gpt2.training.shell")
 # A pool worker of `gpt2 prepare` ignores Ctrl-C so only the parent handles it: set in the child process.
-ALLOWED_GLOBAL_EFFECTS = {("gpt2.prepare.encoding", "signal.signal"), ("gpt2.prepare", "signal.signal")}
+ALLOWED_GLOBAL_EFFECTS = {("gpt2.prepare.encode", "signal.signal")}
 GLOBAL_EFFECTS = ("os.environ", "os.getenv", "signal.signal", "torch.set_float32_matmul_precision", "mallopt")
 
 

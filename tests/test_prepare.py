@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from gpt2.data import read_shard
-from gpt2.prepare import PRESETS, Source, _safe_cut, _text_pieces, iter_blocks, iter_lines, prepare
+from gpt2.prepare import PRESETS, Source, iter_blocks, iter_lines, prepare
+from gpt2.prepare.reading import _safe_cut, _text_pieces
 from gpt2.tokenizer import encoding
 
 REPO = Path(__file__).resolve().parents[1]

@@ -223,7 +223,7 @@ ROWS = {
     "hellaswag": [
         ("acc", "argmax of summed log-prob (GPT-2/GPT-3 papers)"),
         ("acc_norm", "argmax of mean log-prob per token (build-nanogpt)"),
-        ("acc_norm_bytes", "argmax of log-prob / ending length (lm-eval-harness acc_norm)"),
+        ("acc_norm_chars", "argmax of log-prob / ending length in characters (lm-eval-harness acc_norm)"),
         ("n_truncated", "contexts cut from the left to fit the model"),
     ],
     "lambada": [

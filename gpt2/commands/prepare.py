@@ -1,4 +1,4 @@
-"""`gpt2 prepare SOURCE... --out DIR`: tokenize text into GPT-2 token shards (the work is in gpt2/prepare.py)."""
+"""`gpt2 prepare SOURCE... --out DIR`: tokenize text into GPT-2 token shards (the work is in gpt2/prepare/)."""
 
 from __future__ import annotations
 
