@@ -8,6 +8,7 @@ set GPT2_DEBUG=1 to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -24,21 +25,36 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2", description="A modular, fast, tested GPT-2 in PyTorch.")
+    # allow_abbrev=False: a typo such as --max_step is an error, not silently --max_steps.
+    parser = argparse.ArgumentParser(
+        prog="gpt2", description="A modular, fast, tested GPT-2 in PyTorch.", allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"gpt2.commands.{name}")
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
+
+
+def unknown_arguments_message(extra: list[str], parser: argparse.ArgumentParser) -> str:
+    """One line for arguments a subcommand does not know, with the closest option it does know."""
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    flags = [a.split("=", 1)[0] for a in extra if a.startswith("-")]
+    close = difflib.get_close_matches(flags[0], options, n=1, cutoff=0.6) if flags else []
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unrecognized argument(s) {' '.join(extra)}{hint} (`{parser.prog} --help` lists the options)"
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        print(f"gpt2 {args.command}: error: {unknown_arguments_message(extra, args._parser)}", file=sys.stderr)
+        return 2
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

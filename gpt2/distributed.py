@@ -9,7 +9,7 @@ process group, so callers need no `if distributed` of their own.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -132,6 +132,24 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([float(flag)], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return bool(t.item() > 0)
+
+
+def on_main_rank(fn: Callable[[], object], what: str) -> object:
+    """Run fn on rank 0 while the others wait; if it fails there, every rank raises (none is left
+    waiting in a collective). Returns fn's result on rank 0, None elsewhere. `what` completes the
+    other ranks' message "rank 0 could not ..."."""
+    result, error = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as e:  # re-raised below, once the other ranks know
+            error = e
+    failed = any_rank(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"rank 0 could not {what}; see its error")
+    return result
 
 
 def all_gather_objects(obj: object) -> list[object]:

@@ -17,7 +17,7 @@ back into one plain GPT in one process, without a process group, for `gpt2 expor
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from gpt2.checkpoint.layout import MODEL_CONFIG, STATE_FILE
+from gpt2.checkpoint.layout import MODEL_CONFIG, STATE_FILE, seal_checkpoint
 from gpt2.checkpoint.sharded import (
     MODEL_KEY,
     OPTIMIZER_KEY,
@@ -50,7 +50,7 @@ from gpt2.checkpoint.sharded import (
     untie,
 )
 from gpt2.config import GPTConfig
-from gpt2.distributed import any_rank, get_rank, is_distributed
+from gpt2.distributed import get_rank, is_distributed, on_main_rank
 from gpt2.fileio import atomic_write, atomic_write_json, publish_dir
 from gpt2.hf import config_to_hf
 from gpt2.model import GPT, unwrap_model
@@ -157,14 +157,13 @@ def save_sharded(
     final = Path(directory)
     tmp = final.with_name(f".{final.name}.tmp")
     config = unwrap_model(model).config
-    rank = get_rank()
 
     def prepare() -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a save that was killed
             shutil.rmtree(tmp)
 
-    _on_rank0(prepare, rank, f"could not prepare {tmp}")
+    on_main_rank(prepare, f"prepare {tmp}")
     model_sd, optim_sd = _state_dicts(model, optimizer)
     state = {MODEL_KEY: untie(model_sd)}
     if optimizer is not None:
@@ -179,10 +178,18 @@ def save_sharded(
         atomic_write(tmp / STATE_FILE, lambda path: torch.save(dict(extra_state), path))
         for name, value in (json_files or {}).items():
             atomic_write_json(tmp / name, value)
+        seal_checkpoint(tmp)  # every rank's data file is in tmp by now (dcp.save returned on all)
         publish_dir(tmp, final)
 
+    def finish_or_clean_up() -> None:
+        try:
+            finish()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
     # Also the barrier that keeps other ranks from reading `final` before the rename.
-    _on_rank0(finish, rank, f"could not write the checkpoint {final}", cleanup=lambda: shutil.rmtree(tmp, True))
+    on_main_rank(finish_or_clean_up, f"write the checkpoint {final}")
     return final
 
 
@@ -244,20 +251,3 @@ def _model_from_state_dict(config: GPTConfig, sd: dict[str, Tensor], source: str
         raise ValueError(f"{source}: the weights do not match the model config ({lines[-1].strip()})") from e
     model.lm_head.weight = model.transformer.wte.weight  # assign=True made them two Parameters
     return model
-
-
-def _on_rank0(fn: Callable[[], None], rank: int, what: str, cleanup: Callable[[], None] | None = None) -> None:
-    """Run fn on rank 0 while the others wait; if it fails, every rank raises (none hangs)."""
-    error: BaseException | None = None
-    if rank == 0:
-        try:
-            fn()
-        except BaseException as e:  # re-raised below, once the other ranks know
-            error = e
-            if cleanup is not None:
-                cleanup()
-    failed = any_rank(error is not None)
-    if error is not None:
-        raise error
-    if failed:
-        raise RuntimeError(f"rank 0 {what}; see its error")

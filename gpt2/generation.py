@@ -17,6 +17,7 @@ host waits for it only to stream tokens or, every EOS_CHECK_EVERY steps, to see 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -27,11 +28,11 @@ from gpt2.attention import KVCache
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError for sampling settings that make no sense."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (or unset for no limit), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and not 0.0 < top_p <= 1.0:  # also refuses nan
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from gpt2.checkpoint.layout import CHECKPOINTS, find_checkpoint, is_sharded
+from gpt2.checkpoint.layout import CHECKPOINTS, MANIFEST, find_checkpoint, is_sharded, verified
 from gpt2.config import GPTConfig
 from gpt2.hf import CONFIG_FILE, HUB_MODELS, WEIGHTS_FILE, read_config, read_weights, state_dict_from_hf
 
@@ -86,15 +86,25 @@ def read_model(spec: str | Path | ModelSource) -> tuple[GPTConfig, dict[str, Ten
 
 
 def _local_model(path: Path) -> ModelSource | None:
-    """The model a local directory holds: itself (config.json), or a run's newest checkpoint."""
+    """The model a local directory holds: itself (config.json), or a run's newest checkpoint; a
+    checkpoint's weights are checked against its checkpoint.json first."""
     if (path / CONFIG_FILE).is_file():
-        return ModelSource(spec=str(path), kind="sharded" if is_sharded(path) else "hf", path=path)
+        return _checked(ModelSource(spec=str(path), kind="sharded" if is_sharded(path) else "hf", path=path))
     if (path / CHECKPOINTS).is_dir():
         ckpt = find_checkpoint(path)
         if ckpt is None:
             raise FileNotFoundError(f"{path / CHECKPOINTS} holds no complete checkpoint yet; nothing to load")
-        return ModelSource(spec=str(path), kind="sharded" if is_sharded(ckpt) else "hf", path=ckpt)
+        return _checked(ModelSource(spec=str(path), kind="sharded" if is_sharded(ckpt) else "hf", path=ckpt))
     return None
+
+
+def _checked(source: ModelSource) -> ModelSource:
+    """The source, once the files the model is read from match the checkpoint's sha256 manifest
+    (HF directories without one, and checkpoints older than it, are read as they are)."""
+    if (source.path / MANIFEST).is_file():
+        names = None if source.kind == "sharded" else [CONFIG_FILE, WEIGHTS_FILE]
+        verified(source.path, names)
+    return source
 
 
 def _hub_name(name: str) -> bool:

@@ -137,17 +137,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the train/eval records of steps >= `step` (a run resumed from step `step` redoes them),
-    atomically. Call it before a RunLogger opens the file."""
-    if not path.is_file():
-        return
-    keep = [r for r in read_metrics(path) if r.get("type") not in ("train", "eval") or r["step"] < step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-    tmp.replace(path)
-
-
 def format_duration(seconds: float) -> str:
     """Compact h/m/s, e.g. 3h05m, 4m12s, 9s."""
     if not math.isfinite(seconds) or seconds < 0:
@@ -169,6 +158,9 @@ class RunLogger:
     - TensorBoard (RUN_DIR/tensorboard) when `tensorboard` and the package is installed.
     - Weights & Biases when `wandb_project` is given (the package must be installed).
     - Console: a tqdm bar with ETA on a terminal (lines printed above it), plain lines otherwise.
+
+    Created with run_dir=None it writes no file until `attach(run_dir)`: records logged before that
+    are kept and written then, so a run that fails while it is still being set up leaves nothing.
     """
 
     def __init__(
@@ -196,18 +188,13 @@ class RunLogger:
         self._total = 0
         self._step_times: list[float] = []
         self._last_print_step: int | None = None
+        self._tensorboard = tensorboard
+        self.last_activity = time.monotonic()  # when a record was last logged (gpt2.training.shell.StallWatch)
+        self._pending: list[dict[str, Any]] = []  # records logged before attach()
         if not enabled:
             return
-        if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
-        if tensorboard and self.run_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self.info("note: TensorBoard is not installed (pip install tensorboard); logging to metrics.jsonl only")
-            else:
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if run_dir is not None:
+            self.attach(Path(run_dir))
         if wandb_project:
             try:
                 import wandb
@@ -216,6 +203,30 @@ class RunLogger:
                     "wandb_project is set but wandb is not installed: pip install wandb (or drop --wandb_project)"
                 ) from e
             self._wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
+
+    def attach(self, run_dir: Path) -> None:
+        """Start writing RUN_DIR/metrics.jsonl (appending, after the records logged so far) and the
+        TensorBoard events. A no-op on other ranks; when already attached, the file is reopened (it
+        may have been rewritten, e.g. when a resume moved an abandoned timeline's records aside)."""
+        if not self.enabled:
+            return
+        if self._file is not None:
+            self._file.close()
+            self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+            return
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        if self._tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.info("note: TensorBoard is not installed (pip install tensorboard); logging to metrics.jsonl only")
+            else:
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        pending, self._pending = self._pending, []
+        for record in pending:
+            self._write_files(record)
 
     # console -------------------------------------------------------------------------------
     def info(self, message: str) -> None:
@@ -276,18 +287,25 @@ class RunLogger:
             self._write({"type": "event", **record})
 
     def _write(self, record: dict[str, Any]) -> None:
+        self.last_activity = time.monotonic()
         record = {"time": round(time.time(), 3), **record}
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+        if self._file is None:
+            self._pending.append(record)
+        else:
+            self._write_files(record)
+        if self._wandb is not None and record.get("step") is not None and record["type"] != "event":
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+            self._wandb.log({f"{record['type']}/{k}": v for k, v in numbers.items()}, step=record["step"])
+
+    def _write_files(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
         step = record.get("step")
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self._tb is not None and step is not None:
             prefix = "eval/" if record["type"] == "eval" else "train/"
             for k, v in numbers.items():
                 self._tb.add_scalar(prefix + k, v, step)
-        if self._wandb is not None and step is not None and record["type"] != "event":
-            self._wandb.log({f"{record['type']}/{k}": v for k, v in numbers.items()}, step=step)
 
     def _format_train(self, r: dict[str, Any]) -> str:
         width = len(str(self._total))

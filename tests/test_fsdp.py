@@ -258,6 +258,7 @@ def test_sharded_resume_in_fresh_processes_is_exact(runs):
         ".metadata",
         "__0_0.distcp",
         "__1_0.distcp",
+        "checkpoint.json",  # every other file's size and sha256, written last (gpt2.checkpoint.layout)
         "config.json",
         "train_config.json",
         "trainer_state.pt",

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpt2.checkpoint.layout import CHECKPOINTS, STATE_FILE, TRAIN_CONFIG, checkpoint_name, prune_checkpoints
+from gpt2.checkpoint.layout import (
+    CHECKPOINTS,
+    STATE_FILE,
+    TRAIN_CONFIG,
+    checkpoint_name,
+    prune_checkpoints,
+    seal_checkpoint,
+)
 from gpt2.config import GPTConfig
 from gpt2.fileio import atomic_write, atomic_write_json, fresh_tmp_dir, publish_dir
 from gpt2.hf import load_state_dict_checked, read_config, read_weights, save_pretrained, state_dict_from_hf
@@ -39,6 +46,7 @@ def save_checkpoint(
     try:
         save_pretrained(model, tmp, tokenizer=False)
         write_trainer_files(tmp, {"format": STATE_FORMAT, "step": step, **trainer_state}, train_config)
+        seal_checkpoint(tmp)
         publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,17 +16,24 @@ this module; nothing else knows these names.
         .metadata, __R_0.distcp     ... or weights and optimizer as DCP shards, written by every rank (FSDP)
         trainer_state.pt            optimizer (HF-format checkpoints), data-loader position, RNG states, step
         train_config.json           the resolved TrainingConfig
+        checkpoint.json             written last: every other file's size and sha256
 
 A checkpoint is built under a hidden name (`.step_00000500.tmp`) and renamed when complete, so a
-crash mid-save leaves the earlier ones as they were; hidden names are never checkpoints.
+crash mid-save leaves the earlier ones as they were; hidden names are never checkpoints. Loading
+verifies the files it reads against checkpoint.json (streaming sha256, about a second per GB), so a
+damaged checkpoint is named, with the newest intact one, instead of being trained on or skipped.
+Checkpoints written before checkpoint.json existed are checked for their files only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
-from gpt2.fileio import remove_dir
+from gpt2.fileio import atomic_write_json, remove_dir
 
 CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG = "train_config.json"
@@ -35,6 +42,8 @@ STATE_FILE = "trainer_state.pt"
 MODEL_CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 SHARDED_INDEX = ".metadata"  # DCP's index: its presence marks a sharded checkpoint
+MANIFEST = "checkpoint.json"
+MANIFEST_FORMAT = 1
 _NAME = re.compile(r"step_(\d{8,})")
 
 
@@ -57,20 +66,116 @@ def is_sharded(ckpt: Path) -> bool:
 
 
 def missing_files(ckpt: Path) -> list[str]:
-    """The files a complete checkpoint has and `ckpt` lacks (empty: complete). The one rule."""
+    """The files a complete checkpoint has and `ckpt` lacks (empty: complete). The one rule: the
+    files its checkpoint.json lists, or, for checkpoints older than checkpoint.json, the four names."""
     ckpt = Path(ckpt)
-    weights = SHARDED_INDEX if is_sharded(ckpt) else WEIGHTS
-    return [name for name in (MODEL_CONFIG, weights, STATE_FILE, TRAIN_CONFIG) if not (ckpt / name).is_file()]
+    manifest = _read_manifest(ckpt)
+    if manifest is not None:
+        names = list(manifest)
+    else:
+        names = [MODEL_CONFIG, SHARDED_INDEX if is_sharded(ckpt) else WEIGHTS, STATE_FILE, TRAIN_CONFIG]
+    return [name for name in names if not (ckpt / name).is_file()]
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint lacks a file, or a file does not match its checkpoint.json."""
+
+
+def check_checkpoint(ckpt: Path, names: Iterable[str] | None = None, *, full: bool = True) -> None:
+    """Raise DamagedCheckpointError (one line, naming the file) unless `ckpt` is complete and the files
+    `names` (default: all) match their recorded size and, with full=True, their sha256."""
+    ckpt = Path(ckpt)
+    missing = missing_files(ckpt)
+    if not ckpt.is_dir() or missing:
+        what = "does not exist" if not ckpt.is_dir() else f"lacks {missing[0]}"
+        raise DamagedCheckpointError(f"checkpoint {ckpt} {what}")
+    manifest = _read_manifest(ckpt) or {}
+    for name in manifest if names is None else names:
+        record = manifest.get(name)
+        if record is None:
+            continue
+        path = ckpt / name
+        if path.stat().st_size != record["bytes"]:
+            raise DamagedCheckpointError(
+                f"{path} has {path.stat().st_size:,} bytes, checkpoint.json says {record['bytes']:,}: it is damaged"
+            )
+        if full and sha256_file(path) != record["sha256"]:
+            raise DamagedCheckpointError(f"{path} does not match its sha256 in checkpoint.json: it is damaged")
+
+
+def newest_intact(run_dir: Path, *, before: int | None = None) -> Path | None:
+    """The newest checkpoint of a run (older than step `before`, if given) that passes a full check."""
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        if before is not None and checkpoint_step(ckpt) >= before:
+            continue
+        try:
+            check_checkpoint(ckpt)
+        except (DamagedCheckpointError, OSError, ValueError):
+            continue
+        return ckpt
+    return None
+
+
+def damaged_message(ckpt: Path, problem: str) -> str:
+    """The one-line error for a damaged checkpoint: what is wrong, and which older one is intact."""
+    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else None
+    intact = newest_intact(run_dir, before=checkpoint_step(ckpt)) if run_dir is not None else None
+    if intact is None:
+        return f"{problem}; no older intact checkpoint in this run"
+    return (
+        f"{problem}; the newest intact checkpoint is {intact}: continue from it with --resume {intact} "
+        f"(the newer ones are moved aside, not deleted)"
+    )
+
+
+def verified(ckpt: Path, names: Iterable[str] | None = None) -> Path:
+    """`ckpt`, after check_checkpoint; on damage a one-line DamagedCheckpointError naming the newest
+    intact checkpoint of the run."""
+    try:
+        check_checkpoint(ckpt, names)
+    except DamagedCheckpointError as e:
+        raise DamagedCheckpointError(damaged_message(Path(ckpt), str(e))) from None
+    return Path(ckpt)
+
+
+def seal_checkpoint(directory: Path) -> None:
+    """Write checkpoint.json into a checkpoint being built: the size and sha256 of every file in it,
+    so loading can tell a damaged file. Call it last, just before the directory is published."""
+    files = {}
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and path.name != MANIFEST and not path.name.endswith(".tmp"):
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    atomic_write_json(Path(directory) / MANIFEST, {"format": MANIFEST_FORMAT, "files": files})
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(ckpt: Path) -> dict[str, dict] | None:
+    """The files checkpoint.json lists (None for checkpoints written before it existed)."""
+    path = Path(ckpt) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return dict(manifest["files"])
+    except (ValueError, KeyError, TypeError):
+        raise DamagedCheckpointError(f"{path} is not a valid checkpoint manifest: the checkpoint is damaged") from None
 
 
 def is_checkpoint(path: Path) -> bool:
-    """Whether `path` is a complete checkpoint directory."""
+    """Whether `path` is a checkpoint directory (by name) with all its files."""
     path = Path(path)
     return path.is_dir() and _NAME.fullmatch(path.name) is not None and not missing_files(path)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Every step_* directory of a run, complete or not, oldest first."""
+    """Every step_* directory of a run's live timeline, complete or not, oldest first."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
@@ -83,22 +188,26 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+    """The run's current checkpoint: its newest one, or None before the first. A newest checkpoint
+    that lacks a file is an error naming the newest intact one (never silently skipped)."""
+    dirs = checkpoint_dirs(run_dir)
+    if not dirs:
+        return None
+    missing = missing_files(dirs[-1])
+    if missing:
+        raise DamagedCheckpointError(damaged_message(dirs[-1], f"checkpoint {dirs[-1]} lacks {missing[0]}"))
+    return dirs[-1]
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
-    """The checkpoint PATH means: PATH itself if it is one, else the newest of the run PATH."""
+    """The checkpoint PATH means: PATH itself if it is a checkpoint directory, else the run PATH's current one."""
     path = Path(path).expanduser()
-    if is_checkpoint(path):
+    if path.is_dir() and _NAME.fullmatch(path.name) and path.parent.name == CHECKPOINTS:
+        missing = missing_files(path)
+        if missing:
+            raise DamagedCheckpointError(damaged_message(path, f"checkpoint {path} lacks {missing[0]}"))
         return path
     return latest_checkpoint(path)
-
-
-def holds_run(run_dir: Path) -> bool:
-    """Whether run_dir already holds a training run (we never start a new one over it)."""
-    return any((Path(run_dir) / name).exists() for name in (CHECKPOINTS, METRICS, TRAIN_CONFIG))
 
 
 def prune_checkpoints(run_dir: Path, keep_last_k: int) -> list[Path]:

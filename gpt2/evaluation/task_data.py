@@ -97,7 +97,7 @@ def _jsonl(path: str | Path, what: str) -> Iterator[tuple[str, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise ValueError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             yield where, obj

@@ -85,6 +85,9 @@ class TrainingConfig:
     activation_checkpointing: bool = _f(
         False, "fsdp: recompute each block in backward (less memory, ~30% more compute)"
     )
+    dist_timeout_s: int = _f(
+        600, "seconds a collective waits for a stalled or dead rank before every rank stops with an error"
+    )
     log_interval: int = _f(10, "print a line every N steps (metrics.jsonl gets every step)")
     tensorboard: bool = _f(True, "also log to OUT_DIR/tensorboard when tensorboard is installed")
     wandb_project: str | None = _f(None, "log to this Weights & Biases project (needs wandb)")
@@ -98,6 +101,7 @@ class TrainingConfig:
         """Raise ValueError (one line) for settings that cannot work, whatever the hardware."""
         positive = ("total_batch_size", "micro_batch_size", "seq_len", "max_steps", "val_steps")
         positive += ("hellaswag_batch_size", "num_samples", "sample_tokens", "sample_top_k", "log_interval")
+        positive += ("dist_timeout_s",)
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

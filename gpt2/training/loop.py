@@ -22,10 +22,17 @@ from typing import Any, Protocol
 
 import torch
 
-from gpt2.checkpoint import TRAIN_CONFIG, prune_checkpoints
+from gpt2.checkpoint import (
+    TRAIN_CONFIG,
+    begin_timeline,
+    failed_start,
+    prune_checkpoints,
+    set_aside_failed_start,
+    write_run_state,
+)
 from gpt2.data import DataLoaderLite, LoaderConfig
 from gpt2.device import autocast_dtype, synchronize
-from gpt2.distributed import DistInfo, all_reduce_sum, barrier
+from gpt2.distributed import DistInfo, all_reduce_sum, barrier, on_main_rank
 from gpt2.fileio import atomic_write_json
 from gpt2.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops, plot_run
 from gpt2.model import GPT
@@ -69,6 +76,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite (the run stops; the last good checkpoint is kept)."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a lost mount); earlier ones are intact."""
+
+
 def train(plan: RunPlan, info: DistInfo, log: RunLogger, stop: StopFlag | None = None) -> TrainResult:
     """Run (or continue) the training described by `plan` on this process; every rank calls it."""
     return Trainer(plan, info, log, stop or NeverStop()).train()
@@ -101,16 +112,15 @@ class Trainer:
             parallelism=self.strategy.name,
             tokens_per_step=cfg.total_batch_size,
         )
-        self.start_step = self._restore()
-        if info.is_main:  # every check has passed: the run's config is recorded
-            plan.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(plan.run_dir / TRAIN_CONFIG, cfg.to_dict())
-        self.train_model = self.strategy.wrap(self.model, compile=self.compile)
-        self.kernels = StepKernels.for_device(device)
         self.hellaswag = load_hellaswag_examples(cfg, log.info)
         self.prompt = sample_prompt(cfg, model_config.vocab_size, log.info)
         self.flops_per_token = flops_per_token(model_config, self.model.num_params(non_embedding=True), cfg.seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.start_step = self._restore()
+        # Every check has passed: only now is the run directory written (by rank 0).
+        on_main_rank(self._begin, f"record the run's start in {plan.run_dir}")
+        self.train_model = self.strategy.wrap(self.model, compile=self.compile)
+        self.kernels = StepKernels.for_device(device)
         self._describe()
         self.last_loss: float | None = None
         self.last_val: float | None = None
@@ -173,6 +183,20 @@ class Trainer:
         self.log.info(f"resumed from {ckpt} at step {step}")
         self.log.log_event({"event": "resume", "step": step, "checkpoint": str(ckpt)})
         return step
+
+    def _begin(self) -> None:
+        """Make the run directory's history this run's: a failed earlier start set aside, newer
+        checkpoints and later metrics of an abandoned timeline moved aside, the config and the current
+        checkpoint recorded; then metrics.jsonl and TensorBoard are written from here on."""
+        run_dir = self.plan.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.plan.resume_from is None and failed_start(run_dir):
+            side = set_aside_failed_start(run_dir)
+            self.log.info(f"an earlier start of this run failed before its first checkpoint; its files are in {side}")
+        begin_timeline(run_dir, self.start_step, self.log.info)
+        atomic_write_json(run_dir / TRAIN_CONFIG, self.cfg.to_dict())
+        write_run_state(run_dir, self.plan.resume_from)
+        self.log.attach(run_dir)
 
     def _describe(self) -> None:
         cfg, info = self.cfg, self.info
@@ -241,10 +265,10 @@ class Trainer:
     def _check_finite(self, step: int, loss: float, norm: float) -> None:
         if math.isfinite(loss) and (self.scaler is not None or math.isfinite(norm)):
             return
-        from gpt2.checkpoint import latest_checkpoint
+        from gpt2.checkpoint import newest_intact
 
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
-        good = self.last_ckpt or latest_checkpoint(self.plan.run_dir)
+        good = self.last_ckpt or newest_intact(self.plan.run_dir)
         raise NonFiniteLossError(
             f"{what} at step {step}: training stopped; the last good checkpoint is {good or '(none yet)'}; "
             "lower --max_lr or raise --warmup_steps and resume from it"
@@ -307,12 +331,27 @@ class Trainer:
         """Save the state after `step` updates, then keep only the newest keep_last_k (every rank calls it)."""
         self.phase = "checkpoint"
         snap = Snapshot(step, self.model, self.optimizer, self.state.state_dict(step), self.cfg.to_dict())
-        path = self.strategy.save(self.plan.run_dir, snap)
+        try:
+            path = self.strategy.save(self.plan.run_dir, snap)
+        except (OSError, RuntimeError) as e:  # a full disk: OSError from Python, RuntimeError from torch.save
+            raise CheckpointWriteError(self._write_failure(step, e)) from e
         if self.info.is_main:
+            write_run_state(self.plan.run_dir, path)
             if self.cfg.keep_last_k:
                 prune_checkpoints(self.plan.run_dir, self.cfg.keep_last_k)
             self.last_ckpt = path
             self.log.info(f"saved checkpoint {path}")
+
+    def _write_failure(self, step: int, error: BaseException) -> str:
+        from gpt2.checkpoint import checkpoint_name
+
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1][:120]
+        previous = self.last_ckpt or self.plan.resume_from
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        return (
+            f"could not write checkpoint {checkpoint_name(step)} in {self.plan.run_dir} ({reason}; is the disk full?); "
+            f"{kept}: free space and continue with gpt2 train --resume {self.plan.run_dir}"
+        )
 
     def _stopped(self, step: int) -> TrainResult:
         self.log.info(

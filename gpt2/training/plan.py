@@ -8,7 +8,16 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gpt2.checkpoint import CHECKPOINTS, checkpoint_model_config, checkpoint_step, find_checkpoint, holds_run
+from gpt2.checkpoint import (
+    CHECKPOINTS,
+    checkpoint_model_config,
+    checkpoint_step,
+    failed_start,
+    find_checkpoint,
+    holds_run,
+    load_train_config,
+    verified,
+)
 from gpt2.config import GPTConfig
 from gpt2.training.config import BUILTIN_CORPUS, TrainingConfig
 
@@ -49,6 +58,11 @@ def resolve_resume(resume: str, out_dir: str | Path) -> tuple[Path, Path | None]
         raise FileNotFoundError(f"--resume {resume}: no such run or checkpoint directory")
     ckpt = find_checkpoint(path)
     if ckpt is None:
+        if failed_start(path):
+            raise FileNotFoundError(
+                f"--resume {resume}: its start failed before the first checkpoint, so there is nothing to resume; "
+                "rerun the command that started it (the failed start's files are moved aside)"
+            )
         raise FileNotFoundError(
             f"--resume {resume}: no checkpoint in {path / CHECKPOINTS}; nothing to resume "
             "(start a new run with another --out_dir, or --resume auto to start it if empty)"
@@ -92,7 +106,9 @@ def plan_run(cfg: TrainingConfig, world_size: int = 1) -> RunPlan:
                 f"--resume {cfg.resume} continues the run in {run_dir}, but out_dir is {out_dir}; drop --out_dir"
             )
         if resume_from is not None:
+            verified(resume_from)  # every file against its sha256: never train on a damaged checkpoint
             check_same_model(resume_from, cfg.model_config())
+            check_same_data(resume_from, cfg)
     plan = RunPlan(replace(cfg, out_dir=str(run_dir)), run_dir, resume_from, accum, world_size)
     check_data(plan)
     return plan
@@ -106,6 +122,18 @@ def check_same_model(ckpt: Path, model_config: GPTConfig) -> None:
             f"cannot resume {ckpt}: the model config differs from the checkpoint's "
             f"({'; '.join(d.replace(' != ', ' (checkpoint) != ') + ' (now)' for d in differ)}); "
             "drop the model overrides or start a new run"
+        )
+
+
+def check_same_data(ckpt: Path, cfg: TrainingConfig) -> None:
+    """A run continues on its own data: a --data file other than the one it tokenized is refused
+    (the run's shards in RUN_DIR/data would be used, not the new file)."""
+    saved = load_train_config(ckpt).get("data")
+    if cfg.data != saved:
+        was = f"--data {saved} (tokenized into its {DATA_DIR}/)" if saved else f"the shards in {cfg.data_root}"
+        raise ValueError(
+            f"cannot resume {ckpt} with --data {cfg.data}: the run trains on {was}; "
+            "drop --data to continue it, or start a new run with another --out_dir"
         )
 
 

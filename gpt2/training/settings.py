@@ -178,6 +178,13 @@ def build_config(
             values["out_dir"] = str(run_dir)
     values.update(from_file)
     values.update(from_cli)
+    explicit = {**from_file, **from_cli}
+    if values.get("data") is not None and "data_root" in explicit:
+        origin = "the quickstart" if "data" not in explicit and quickstart else "--data"
+        raise ValueError(
+            f"data_root {explicit['data_root']} would be ignored: {origin} sets data = {values['data']!r}, which "
+            "is tokenized into OUT_DIR/data; pass --data none to train on data_root"
+        )
     return TrainingConfig(**values)
 
 

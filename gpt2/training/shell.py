@@ -5,18 +5,23 @@ exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpt2.distributed import destroy_distributed, init_distributed
-from gpt2.metrics import METRICS_FILE, RunLogger, truncate_metrics
+from gpt2.checkpoint.history import LOCK_FILE, RunLock
+from gpt2.distributed import destroy_distributed, init_distributed, on_main_rank
+from gpt2.metrics import RunLogger
 from gpt2.training.config import TrainingConfig
-from gpt2.training.loop import train
+from gpt2.training.loop import Trainer
 from gpt2.training.plan import plan_run
 
 
@@ -63,6 +68,42 @@ class GracefulStop:
         self._previous.clear()
 
 
+class StallWatch:
+    """Says so (once per stall) when no step has finished for much longer than steps take: a stalled
+    or dead rank otherwise leaves every other rank waiting in a collective, silently, until the
+    collective timeout (dist_timeout_s) fails them all."""
+
+    def __init__(self, log: RunLogger, timeout_s: float, *, min_idle_s: float = 120.0, poll_s: float = 5.0) -> None:
+        self.log, self.timeout_s, self.min_idle_s, self.poll_s = log, timeout_s, min_idle_s, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="gpt2-stall-watch", daemon=True)
+
+    def _idle_limit(self) -> float:
+        times = sorted(self.log._step_times[-50:])
+        return max(self.min_idle_s, 10 * times[len(times) // 2]) if times else self.min_idle_s
+
+    def _watch(self) -> None:
+        warned_at = None
+        while not self._stop.wait(self.poll_s):
+            idle = time.monotonic() - self.log.last_activity
+            if idle < self._idle_limit():
+                warned_at = None
+            elif warned_at != self.log.last_activity:
+                warned_at = self.log.last_activity
+                self.log.info(
+                    f"note: nothing finished for {idle:.0f} s; a rank may have stalled or died (every rank "
+                    f"stops with an error {self.timeout_s:.0f} s into a collective it waits in: --dist_timeout_s)"
+                )
+
+    def __enter__(self) -> StallWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def keep_freed_memory(device: torch.device) -> bool:
     """On a Linux (glibc) CPU, make malloc keep freed blocks instead of unmapping them.
 
@@ -93,18 +134,22 @@ def configure_process(device: torch.device) -> None:
 
 def main(cfg: TrainingConfig, env: Mapping[str, str], *, stream: Any = None) -> int:
     """Plan, set up distribution and logging, train; return the process exit code (0, or 128+signal
-    when stopped by SIGINT/SIGTERM after saving). `env` is os.environ (torchrun's variables)."""
+    when stopped by SIGINT/SIGTERM after saving). `env` is os.environ (torchrun's variables).
+
+    Nothing is written before the plan and the whole setup have passed: the lock, and rank 0's
+    files (metrics.jsonl, train_config.json, run.json) come after; a failure before that leaves
+    the run directory as it was (one created just for the lock is removed again)."""
     stream = stream if stream is not None else sys.stdout
     plan = plan_run(cfg, int(env.get("WORLD_SIZE", "1")))
-    info = init_distributed(env, cfg.device)
+    info = init_distributed(env, cfg.device, timeout_s=cfg.dist_timeout_s)
     configure_process(info.device)
     cfg = plan.config
-    log = None
+    created = not plan.run_dir.exists()
+    lock, log, started = RunLock(plan.run_dir), None, False
     try:
-        if info.is_main and cfg.resume is not None:  # (--resume auto without a checkpoint restarts at 0)
-            truncate_metrics(plan.run_dir / METRICS_FILE, plan.start_step)  # before the logger appends to it
+        on_main_rank(lock.acquire, f"lock {plan.run_dir}")
         log = RunLogger(
-            plan.run_dir,
+            None,  # attached to the run directory once the run has been set up
             enabled=info.is_main,
             stream=stream,
             tty=bool(getattr(stream, "isatty", lambda: False)()),
@@ -115,7 +160,11 @@ def main(cfg: TrainingConfig, env: Mapping[str, str], *, stream: Any = None) -> 
             config=cfg.to_dict(),
         )
         with GracefulStop(notify=log.info) as stop:
-            result = train(plan, info, log, stop)
+            trainer = Trainer(plan, info, log, stop)
+            started = True
+            watch = StallWatch(log, cfg.dist_timeout_s) if info.world_size > 1 else contextlib.nullcontext()
+            with watch:
+                result = trainer.train()
         if result.stopped_by is not None:
             return 128 + int(result.stopped_by)
         if info.is_main:
@@ -124,7 +173,17 @@ def main(cfg: TrainingConfig, env: Mapping[str, str], *, stream: Any = None) -> 
     finally:
         if log is not None:
             log.close()
+        lock.release()
+        if info.is_main and created and not started:
+            _remove_if_only_lock(plan.run_dir)
         destroy_distributed()
+
+
+def _remove_if_only_lock(run_dir: Path) -> None:
+    """Undo creating run_dir for the lock when the run failed before writing anything else."""
+    with contextlib.suppress(OSError):
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        run_dir.rmdir()  # fails (and is left) if anything else is in it
 
 
 def _report(log: RunLogger, result: Any, run_dir: Any, cfg: TrainingConfig) -> None:

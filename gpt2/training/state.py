@@ -72,6 +72,7 @@ class TrainerState:
             "loader": self.loader.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": self.rng.state_dict(),
+            "cpu_threads": torch.get_num_threads(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> tuple[int, str | None]:
@@ -80,4 +81,16 @@ class TrainerState:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
-        return step, self.rng.load_state_dict(state.get("rng", []), step)
+        notes = [self.rng.load_state_dict(state.get("rng", []), step), self._threads_note(state.get("cpu_threads"))]
+        return step, "; ".join(n for n in notes if n) or None
+
+    def _threads_note(self, saved: int | None) -> str | None:
+        """CPU kernels sum in an order that depends on the thread count: a resume is bit-exact only
+        with the same number of threads (on GPUs the kernels do not depend on it)."""
+        now = torch.get_num_threads()
+        if self.info.device.type != "cpu" or saved is None or saved == now:
+            return None
+        return (
+            f"the checkpoint was written with {saved} CPU threads, now {now}: losses match the uninterrupted run "
+            f"to float rounding, not bit for bit (set OMP_NUM_THREADS={saved} for an exact resume)"
+        )
