@@ -8,8 +8,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import torch
-
 from gpt2.model import GPT
 from gpt2.serve.app import Service, create_app
 from gpt2.serve.batch import BatchDecoder

@@ -5,7 +5,6 @@ Choices are numbered prompt-major (prompt i, sample j -> index i * n + j), as Op
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
