@@ -238,6 +238,8 @@ class Engine:
         seqs = self._take_newcomers()
         if not seqs:
             return
+        for s in seqs:  # live from here on: a failing pass below fails them too (no request is left hanging)
+            self._live[s.slot] = s
         d = self.decoder
         reqs = [s.request for s in seqs]
         slots = to_device(torch.tensor([s.slot for s in seqs]), self.device)
@@ -261,7 +263,6 @@ class Engine:
                 )
         self._record(pending)
         for s in seqs:
-            self._live[s.slot] = s
             s.launched = min(1, s.request.max_tokens)
 
     def _params(self, reqs: list[Request]) -> dict[str, Tensor]:

@@ -2,13 +2,16 @@
 
 Each row of a decode batch has its own temperature, top-k, top-p and seed, held in (B,) tensors, so
 one batched step serves requests with different settings. The filtering is gpt2.generation's
-filter_logits applied row by row (same keep rule, tested equal); the sampling is the Gumbel-max
-trick, argmax(logits / T + g) with g ~ Gumbel(0, 1), which draws exactly from softmax(logits / T).
+filter_logits applied row by row (same keep rule, tested equal). The draw is inverse-CDF sampling:
+one uniform u per row, and the token is the first whose cumulative probability (in vocabulary
+order) exceeds u, which draws exactly from softmax(logits / T) up to float32 rounding (u has 24
+random bits: a token of probability below ~6e-8 is practically never drawn).
 
-The noise g for (seed, token index, vocab id) comes from a counter-based hash, not a generator:
-a request's random numbers depend only on its own seed and how many tokens it has produced, never
-on which other requests share the batch or in which row it sits. The hash is plain integer tensor
-arithmetic, so it runs inside a CUDA graph and on a CPU alike (no per-row generator calls).
+u comes from a counter-based hash of (seed, token index), not from a generator: a request's
+random numbers depend only on its own seed and how many tokens it has produced, never on which
+other requests share the batch or in which row it sits. The hash is plain integer tensor
+arithmetic on (B,) values, so it runs inside a CUDA graph and on a CPU alike (no per-row generator
+calls), and costs next to nothing; the per-token work is one softmax, one cumsum and one search.
 Integers are 32-bit values held in int64, and every product stays below 2**63 (multipliers are
 below 2**31), so nothing relies on overflow behaviour.
 
@@ -41,13 +44,17 @@ def row_keys(seed: Tensor, index: Tensor) -> Tensor:
     return _mix32(k ^ (index & _M32))
 
 
-def gumbel_noise(seed: Tensor, index: Tensor, vocab_size: int) -> Tensor:
-    """Standard Gumbel noise (B, V) float32, a pure function of (seed, index, vocab id) per row."""
-    vocab = torch.arange(vocab_size, device=seed.device, dtype=torch.int64)  # (V,)
-    x = (row_keys(seed, index)[:, None] + vocab[None, :] * 0x61C88647) & _M32  # (B, V)
-    x = _mix32(_mix32(x))
-    u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)  # (B, V) uniform in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(u))
+def uniforms(seed: Tensor, index: Tensor) -> Tensor:
+    """One uniform (B,) float32 in (0, 1) per row, a pure function of (seed, index) (B,) int64."""
+    x = row_keys(seed, index)
+    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)  # 24 bits; never 0 or 1
+
+
+def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """Per row, the first index (B,) whose cumulative probability exceeds u * total; probs (B, V)."""
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    target = (u * cdf[:, -1])[:, None]  # (B, 1): scaled by the total, so rounding never runs off the end
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.size(-1) - 1)
 
 
 def filter_rows(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
@@ -74,7 +81,8 @@ def sample_rows(
     mode: int,
 ) -> Tensor:
     """Next tokens (B,) from logits (B, V): argmax where temperature (B,) is 0, else a draw at that
-    temperature after top-k / top-p (mode FILTER only), with noise from (seed, index) (B,)."""
+    temperature after top-k / top-p (mode FILTER only), from the uniform of (seed, index) (B,). A
+    row without top-k / top-p draws the same token in SAMPLE and FILTER mode."""
     greedy = logits.argmax(dim=-1)  # (B,)
     if mode == GREEDY:
         return greedy
@@ -82,7 +90,7 @@ def sample_rows(
     z = logits.float() / t[:, None]  # (B, V)
     if mode == FILTER:
         z = filter_rows(z, top_k, top_p)
-    sampled = (z + gumbel_noise(seed, index, logits.size(-1))).argmax(dim=-1)  # (B,)
+    sampled = inverse_cdf(torch.softmax(z, dim=-1), uniforms(seed, index))  # (B,)
     return torch.where(temperature > 0, sampled, greedy)
 
 
