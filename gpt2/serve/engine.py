@@ -154,8 +154,12 @@ class Engine:
             self._cancel.update(ids)
             self._lock.notify()
 
-    def stats(self) -> dict[str, int]:
-        return {"running": len(self._live), "waiting": len(self._waiting), "steps": self.steps, "tokens": self.tokens}
+    def stats(self) -> dict[str, float]:
+        """Counts for /health; on CUDA also the peak memory allocated (GiB)."""
+        out = {"running": len(self._live), "waiting": len(self._waiting), "steps": self.steps, "tokens": self.tokens}
+        if self.device.type == "cuda":
+            out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        return out
 
     @property
     def idle(self) -> bool:
