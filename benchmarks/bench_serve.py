@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import re
@@ -159,7 +158,15 @@ def run_level(args, url: str, clients: int) -> list:
     ttft = [(r["times"][0] - r["sent"]) * 1e3 for r in records if r["times"]]
     itl = [(b - a) * 1e3 for r in records for a, b in zip(r["times"], r["times"][1:])]
     health = httpx.get(f"{url}/health").json()
-    return [clients, len(records), tokens, f"{tokens / (end - start):,.0f}", *pcts(ttft), *pcts(itl), health.get("gpu_peak_gib", "-")]
+    return [
+        clients,
+        len(records),
+        tokens,
+        f"{tokens / (end - start):,.0f}",
+        *pcts(ttft),
+        *pcts(itl),
+        health.get("gpu_peak_gib", "-"),
+    ]
 
 
 def args_dict(args) -> dict:
@@ -234,7 +241,9 @@ def step_benchmark(args, model_dir: Path, device: torch.device) -> str:
                 if graph:
                     dec._capture(B, L, mode, torch.cuda.graph_pool_handle())
                 ms = time_step(dec, B, L, mode, device)
-                rows.append([B, L, "greedy" if mode == GREEDY else "sample", "graph" if graph else "eager", f"{ms:.3f}"])
+                rows.append(
+                    [B, L, "greedy" if mode == GREEDY else "sample", "graph" if graph else "eager", f"{ms:.3f}"]
+                )
                 print(f"  step B={B} L={L} {rows[-1][2]} {rows[-1][3]}: {ms:.3f} ms")
         del dec
     note = "median ms per decode step; L = key columns read (the length bucket of prompt + new tokens)"
@@ -291,7 +300,9 @@ def hf_benchmark(args, model_dir: Path, device: torch.device) -> str:
         n = (out.size(1) - args.prompt_len) * B
         rows.append([B, n, f"{n / dt:,.0f}", f"{dt / new * 1e3:.2f}"])
         print(f"  transformers B={B}: {n / dt:,.0f} tok/s")
-    head = f"transformers {transformers.__version__} generate (greedy, {new} new tokens, whole call timed after a warm-up)"
+    head = (
+        f"transformers {transformers.__version__} generate (greedy, {new} new tokens, whole call timed after a warm-up)"
+    )
     return f"{head}:\n\n" + table(["batch", "new tokens", "tok/s", "ms/step"], rows)
 
 

@@ -216,5 +216,5 @@ class BatchDecoder:
         c.rows, c.cols, c.length = slots, None, 0
         # right padding sits after every real token, so causal attention keeps it out of real rows
         c.mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]  # (1, 1, T, T)
-        logits, _ = self.model(tokens.to(self.device, non_blocking=True), cache=c)  # (n, T, V)
+        logits, _ = self.model(to_device(tokens, self.device), cache=c)  # (n, T, V)
         return logits

@@ -261,7 +261,7 @@ class Engine:
         for i, r in enumerate(reqs):
             if r.prompt_logprobs is not None and len(r.prompt) > 1:
                 P = len(r.prompt)
-                target = torch.tensor(r.prompt[1:], device=self.device)
+                target = to_device(torch.tensor(r.prompt[1:]), self.device)
                 pending.prompt_logprobs[i] = _to_host(
                     top_logprobs(logits[i, : P - 1], target, max(1, r.prompt_logprobs))
                 )

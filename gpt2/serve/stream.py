@@ -16,6 +16,7 @@ from gpt2.serve.protocol import APIError, CompletionParams
 from gpt2.serve.text import ChoiceText, logprobs_block
 
 DONE = "data: [DONE]\n\n"
+_NO_LP_NO_FINISH = '"logprobs": null, "finish_reason": null}'
 
 
 @dataclass(eq=False)
@@ -126,6 +127,8 @@ class Completion:
         return [self._chunk(c, rest, None, reason)] if stream else []
 
     def _chunk(self, c: _Choice, text: str, logprobs: dict | None, finish: str | None = None) -> str:
+        if logprobs is None and finish is None:  # the per-token event: only the text needs encoding
+            return f'data: {self._head}{{"index": {c.index}, "text": {json.dumps(text)}, {_NO_LP_NO_FINISH}]}}\n\n'
         choice = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return f"data: {self._head}{json.dumps(choice)}]}}\n\n"
 
