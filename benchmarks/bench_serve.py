@@ -150,7 +150,8 @@ def run_level(args, url: str, clients: int) -> list:
     plan = [list(range(w, clients, workers)) for w in range(workers)]
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers) as pool:
-        t0 = time.time() + 1.0  # every worker starts at the same moment
+        pool.map(time.sleep, [0.2] * 2 * workers, chunksize=1)  # every worker up (spawned, imports done)
+        t0 = time.time() + 0.5  # and all start at the same moment
         parts = pool.starmap(client_worker, [(url, ids, args_dict(args), t0) for ids in plan])
     records = [r for part in parts for r in part]
     start, end = min(r["sent"] for r in records), max(r["times"][-1] for r in records if r["times"])
@@ -277,7 +278,10 @@ def time_step(dec, B: int, L: int, mode: int, device: torch.device, n: int = 200
 
 
 def hf_benchmark(args, model_dir: Path, device: torch.device) -> str:
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        return "transformers: not installed here, skipped"
 
     from gpt2.device import compute_dtype
 
