@@ -207,6 +207,21 @@ def _compiled_step():
     return _COMPILED_STEP
 
 
+# A captured decode step is ~5x cheaper than an eager one for GPT-2 124M (0.69 vs ~3.5 ms on an H200,
+# benchmarks/NOTES.md), but a process's first capture costs a warm-up step, the capture and the CUDA
+# graph machinery's one-time set-up; for short answers that is more than the steps save (a 60-token
+# `gpt2 generate` ran at ~33 tokens/s end to end). Below this many new tokens the step runs eagerly.
+GRAPH_MIN_NEW_TOKENS = 128
+
+
+def use_cuda_graph(device: torch.device, max_new_tokens: int, requested: bool | None = None) -> bool:
+    """Whether generate_tokens replays its decode step as a CUDA graph: `requested` when given,
+    else on CUDA for max_new_tokens >= GRAPH_MIN_NEW_TOKENS (capture pays off over enough steps)."""
+    if requested is not None:
+        return requested
+    return device.type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW_TOKENS
+
+
 # Without streaming, whether every sequence has stopped is asked of the GPU only this often, so
 # steps are not each held up by a device-to-host copy; the extra steps are cut off at the end.
 EOS_CHECK_EVERY = 16
@@ -235,8 +250,9 @@ def generate_tokens(
     generation ends once every sequence has. on_tokens receives each step's tokens (B,).
 
     fast (default: on for CUDA) decodes with StaticDecoder, captured as a CUDA graph when
-    cuda_graph (default: on for CUDA); compile=True also compiles its step (costs a compilation
-    per batch size and cache length).
+    cuda_graph (default: see use_cuda_graph: on CUDA, only for max_new_tokens >=
+    GRAPH_MIN_NEW_TOKENS); compile=True also compiles its step (costs a compilation per batch
+    size and cache length).
     Both compute what the plain loop (fast=False) computes: greedy tokens are the same.
     """
     check_sampling_args(temperature, top_k, top_p)
@@ -259,7 +275,7 @@ def generate_tokens(
     if not use_cache:
         decoder = None
     elif fast:
-        graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        graph = use_cuda_graph(device, max_new_tokens, cuda_graph)
         decoder = StaticDecoder(model, cache, valid, cuda_graph=graph, compile=compile)
     else:
         decoder = EagerDecoder(model, cache, valid)

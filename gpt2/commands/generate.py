@@ -1,4 +1,9 @@
-"""`gpt2 generate`: sample text from a model, streaming a single sample as it is produced."""
+"""`gpt2 generate`: sample text from a model, streaming a single sample as it is produced.
+
+On CUDA the decode step runs on a preallocated cache; it is captured once as a CUDA graph and
+replayed only when there are enough new tokens to pay for the capture (--cuda-graph auto:
+max-new-tokens >= gpt2.generation.GRAPH_MIN_NEW_TOKENS); short answers decode eagerly.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--no-stop", action="store_true", help="keep going past <|endoftext|>")
+    parser.add_argument(
+        "--cuda-graph",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="CUDA only: replay the decode step as a CUDA graph; auto = only when --max-new-tokens is large "
+        "enough to pay for capturing it (short answers decode eagerly)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         generator=generator,
         eos_id=None if args.no_stop else tok.eot_id,
         on_tokens=on_tokens,
+        cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
     )
     if device.type == "cuda":
         torch.cuda.synchronize()

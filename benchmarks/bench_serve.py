@@ -1,0 +1,329 @@
+"""Serving under load: `gpt2 serve` with 1 / 8 / 32 / 128 concurrent streaming clients, next to
+HuggingFace transformers' generate, plus the raw decode step and `gpt2 generate`'s two paths.
+
+1. load: the server runs as a subprocess on 127.0.0.1 (its own GIL); clients are httpx streams in
+   several worker processes (so the client side is never the bottleneck), each sending
+   --requests-per-client requests of --new-tokens tokens (ignore_eos) one after another. Reported:
+   aggregate new tokens/s (all tokens / wall time of the level), TTFT and inter-token latency
+   percentiles (one SSE event per token; events that arrive in one read have ~0 gaps, as a client
+   sees them), and the server's peak GPU memory (/health).
+2. step: the decode step alone (BatchDecoder, as the server captures it) at batch 1 and 32:
+   median of CUDA-event timed graph replays (eager steps on a CPU).
+3. hf: transformers.GPT2LMHeadModel.generate (greedy, KV cache, min_new_tokens = max_new_tokens)
+   on the same weights at batch 1 and 16.
+4. generate (CUDA only): `gpt2 generate` end to end in a fresh process for a few answer lengths,
+   --cuda-graph on vs off: where the graph starts to pay for its capture (GRAPH_MIN_NEW_TOKENS).
+
+--model gpt2-random (default) saves a random-init GPT-2 124M checkpoint to a temporary directory
+(no network needed; speed does not depend on the weights); a directory uses that checkpoint.
+
+  python benchmarks/bench_serve.py                                   # H200: gpt2 124M bf16
+  python benchmarks/bench_serve.py --compile                         # the decode step compiled before capture
+  python benchmarks/bench_serve.py --model tiny-random --device cpu --new-tokens 8 --concurrency 1,4 \\
+      --step-batches 1,4 --hf-batches 1                              # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, append_results, environment, table  # noqa: E402
+from gpt2 import GPT, GPTConfig  # noqa: E402
+from gpt2.serve.server import free_port  # noqa: E402
+
+TARGETS = "step B=1 <= 0.40 ms; 32 clients >= 30,000 tok/s, p50 TTFT <= 25 ms, p99 ITL <= 5 ms"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2-random", help="PRESET-random (random weights) or a checkpoint directory")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--concurrency", default="1,8,32,128")
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-batch", type=int, default=128)
+    p.add_argument("--compile", action="store_true", help="pass --compile to the server and the step benchmark")
+    p.add_argument("--client-processes", type=int, default=8)
+    p.add_argument("--step-batches", default="1,32")
+    p.add_argument("--hf-batches", default="1,16", help="empty: skip transformers")
+    p.add_argument("--generate-lengths", default="16,64,256", help="CUDA only; empty: skip")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = checkpoint(args.model, Path(tmp))
+        sections = [load_test(args, model_dir)]
+        sections.append(step_benchmark(args, model_dir, device))
+        if args.hf_batches:
+            sections.append(hf_benchmark(args, model_dir, device))
+        if args.generate_lengths and device.type == "cuda":
+            sections.append(generate_paths(args, model_dir))
+    info = (
+        f"model {args.model}, dtype {args.dtype}, prompt {args.prompt_len} random tokens, {args.new_tokens} new tokens "
+        f"({'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}), max batch {args.max_batch}"
+        f"{', compiled step' if args.compile else ''}; targets: {TARGETS}"
+    )
+    body = info + "\n\n" + "\n\n".join(sections)
+    append_results(args.results, f"bench_serve: {args.model}", device, body)
+    print(f"\n{environment(device)}\n{body}")
+    return 0
+
+
+def checkpoint(name: str, tmp: Path) -> Path:
+    """A checkpoint directory: `name` itself, or a random-init preset saved under tmp."""
+    if not name.endswith("-random"):
+        return Path(name)
+    torch.manual_seed(0)
+    out = tmp / name
+    GPT(GPTConfig.from_name(name.removesuffix("-random"))).save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. load
+
+
+def load_test(args, model_dir: Path) -> str:
+    port = free_port()
+    cmd = [sys.executable, "-m", "gpt2", "serve", "--model", str(model_dir), "--served-model-name", "bench"]
+    cmd += ["--port", str(port), "--max-batch", str(args.max_batch), "--device", args.device, "--dtype", args.dtype]
+    cmd += ["--compile"] if args.compile else []
+    log = open(Path(tempfile.gettempdir()) / f"bench_serve_{port}.log", "w+")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        wait_for_server(url, server, log)
+        for clients in [int(c) for c in args.concurrency.split(",")]:
+            rows.append(run_level(args, url, clients))
+            print(f"  {clients} clients: {rows[-1][3]} tok/s, TTFT p50 {rows[-1][4]} ms, ITL p99 {rows[-1][9]} ms")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    log.seek(0)
+    startup = next((line.strip() for line in log if line.startswith("gpt2 serve:")), "")
+    headers = ["clients", "requests", "new tokens", "tok/s", "TTFT p50 ms", "p90", "p99", "ITL p50 ms", "p90", "p99"]
+    return f"Load ({startup}):\n\n" + table(headers + ["GPU peak GiB"], rows)
+
+
+def wait_for_server(url: str, server: subprocess.Popen, log, timeout: float = 900) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"the server exited ({server.returncode}):\n{log.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not come up in time")
+
+
+def run_level(args, url: str, clients: int) -> list:
+    """All clients of one level at once, spread over worker processes; one table row."""
+    import httpx
+
+    workers = min(clients, args.client_processes)
+    plan = [list(range(w, clients, workers)) for w in range(workers)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        pool.map(time.sleep, [0.2] * 2 * workers, chunksize=1)  # every worker up (spawned, imports done)
+        t0 = time.time() + 0.5  # and all start at the same moment
+        parts = pool.starmap(client_worker, [(url, ids, args_dict(args), t0) for ids in plan])
+    records = [r for part in parts for r in part]
+    start, end = min(r["sent"] for r in records), max(r["times"][-1] for r in records if r["times"])
+    tokens = sum(len(r["times"]) for r in records)
+    ttft = [(r["times"][0] - r["sent"]) * 1e3 for r in records if r["times"]]
+    itl = [(b - a) * 1e3 for r in records for a, b in zip(r["times"], r["times"][1:])]
+    health = httpx.get(f"{url}/health").json()
+    return [
+        clients,
+        len(records),
+        tokens,
+        f"{tokens / (end - start):,.0f}",
+        *pcts(ttft),
+        *pcts(itl),
+        health.get("gpu_peak_gib", "-"),
+    ]
+
+
+def args_dict(args) -> dict:
+    return {k: getattr(args, k) for k in ("requests_per_client", "new_tokens", "prompt_len", "temperature")}
+
+
+def pcts(xs: list[float]) -> list[str]:
+    if len(xs) < 2:
+        return ["-"] * 3
+    q = statistics.quantiles(xs, n=100, method="inclusive")
+    return [f"{q[49]:.2f}", f"{q[89]:.2f}", f"{q[98]:.2f}"]
+
+
+def client_worker(url: str, client_ids: list[int], a: dict, t0: float) -> list[dict]:
+    """A worker process: its clients as asyncio tasks, each sending its requests one after another."""
+    return asyncio.run(_clients(url, client_ids, a, t0))
+
+
+async def _clients(url: str, client_ids: list[int], a: dict, t0: float) -> list[dict]:
+    import httpx
+
+    await asyncio.sleep(max(0.0, t0 - time.time()))
+    limits = httpx.Limits(max_connections=len(client_ids) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        runs = [_one_client(client, url, c, a) for c in client_ids]
+        return [r for records in await asyncio.gather(*runs) for r in records]
+
+
+async def _one_client(client, url: str, cid: int, a: dict) -> list[dict]:
+    records = []
+    for i in range(a["requests_per_client"]):
+        g = torch.Generator().manual_seed(cid * 1000 + i)
+        body = {
+            "model": "bench",
+            "prompt": torch.randint(0, 50000, (a["prompt_len"],), generator=g).tolist(),
+            "max_tokens": a["new_tokens"],
+            "temperature": a["temperature"],
+            "seed": cid,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        times, buffer = [], b""
+        sent = time.time()
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            async for chunk in r.aiter_bytes():
+                now = time.time()
+                buffer += chunk
+                *events, buffer = buffer.split(b"\n\n")
+                times += [now for e in events if e.startswith(b"data: {") and b'"finish_reason": null' in e]
+        records.append({"sent": sent, "times": times})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. the decode step alone
+
+
+def step_benchmark(args, model_dir: Path, device: torch.device) -> str:
+    from gpt2.device import compute_dtype
+    from gpt2.serve.batch import BatchDecoder
+    from gpt2.serve.sampling import GREEDY, SAMPLE
+
+    model = GPT.from_pretrained(model_dir, device=device, dtype=compute_dtype(args.dtype, device)).eval()
+    batches = [int(b) for b in args.step_batches.split(",")]
+    length = min(args.prompt_len + args.new_tokens, model.config.block_size)
+    rows = []
+    for graph in [True, False] if device.type == "cuda" else [False]:
+        dec = BatchDecoder(model, max(batches), cuda_graph=graph, compile=args.compile)
+        B_L = [dec.shape_for(b, length) for b in batches]
+        for B, L in B_L:
+            for mode in (GREEDY, SAMPLE):
+                if graph:
+                    dec._capture(B, L, mode, torch.cuda.graph_pool_handle())
+                ms = time_step(dec, B, L, mode, device)
+                rows.append(
+                    [B, L, "greedy" if mode == GREEDY else "sample", "graph" if graph else "eager", f"{ms:.3f}"]
+                )
+                print(f"  step B={B} L={L} {rows[-1][2]} {rows[-1][3]}: {ms:.3f} ms")
+        del dec
+    note = "median ms per decode step; L = key columns read (the length bucket of prompt + new tokens)"
+    return f"Decode step ({note}):\n\n" + table(["batch", "L", "mode", "path", "ms/step"], rows)
+
+
+@torch.no_grad()
+def time_step(dec, B: int, L: int, mode: int, device: torch.device, n: int = 200) -> float:
+    dec.state.pos.fill_(L // 2)  # rows mid-way through the bucket; positions stay < L over the run
+    for _ in range(10):
+        dec.step(B, L, mode)
+    times = []
+    for _ in range(n if device.type == "cuda" else 20):
+        dec.state.pos.fill_(L // 2)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dec.step(B, L, mode)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            dec.step(B, L, mode)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. transformers, 4. gpt2 generate
+
+
+def hf_benchmark(args, model_dir: Path, device: torch.device) -> str:
+    try:
+        import transformers
+    except ImportError:
+        return "transformers: not installed here, skipped"
+
+    from gpt2.device import compute_dtype
+
+    dtype = compute_dtype(args.dtype, device)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    new = min(args.new_tokens, hf.config.n_positions - args.prompt_len)
+    rows = []
+    for B in [int(b) for b in args.hf_batches.split(",")]:
+        ids = torch.randint(0, 50000, (B, args.prompt_len), device=device)
+        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=50256)
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        n = (out.size(1) - args.prompt_len) * B
+        rows.append([B, n, f"{n / dt:,.0f}", f"{dt / new * 1e3:.2f}"])
+        print(f"  transformers B={B}: {n / dt:,.0f} tok/s")
+    head = (
+        f"transformers {transformers.__version__} generate (greedy, {new} new tokens, whole call timed after a warm-up)"
+    )
+    return f"{head}:\n\n" + table(["batch", "new tokens", "tok/s", "ms/step"], rows)
+
+
+def generate_paths(args, model_dir: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    rows = []
+    for n in [int(x) for x in args.generate_lengths.split(",")]:
+        for graph in ("on", "off"):
+            cmd = [sys.executable, "-m", "gpt2", "generate", "--model", str(model_dir), "--max-new-tokens", str(n)]
+            cmd += ["--no-stop", "--temperature", "0", "--cuda-graph", graph, "--dtype", args.dtype]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+            m = re.search(r"\[(\d+) tokens in ([\d.]+) s, ([\d.]+) tokens/s", r.stderr)
+            rows.append([n, graph, *(m.groups()[1:] if m else ["failed", r.stderr.strip()[-80:]])])
+            print(f"  gpt2 generate {n} tokens, graph {graph}: {rows[-1][2:]}")
+    head = "`gpt2 generate` in a fresh process (generation timed, loading not), --cuda-graph on vs off"
+    return f"{head}:\n\n" + table(["new tokens", "cuda graph", "s", "tok/s"], rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""`gpt2 serve`: an OpenAI-compatible completions server with continuous batching (needs `.[serve]`).
+
+The model is loaded, warmed up and, on CUDA, its decode step is captured as CUDA graphs once at
+start-up; then uvicorn serves /v1/completions, /v1/models, /health and a playground page at /.
+docs/serving.md describes the API, the flags and how batching works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpt2.device import DTYPE_CHOICES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub name, HF-format directory, checkpoint or run directory")
+    parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (KV-cache slots)")
+    parser.add_argument("--max-queue", type=int, default=1024, help="sequences that may wait; more get HTTP 429")
+    parser.add_argument(
+        "--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled per step (bounds the stall)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute (and weight) precision")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step before capturing it")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA too")
+    parser.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="bit-identical results whatever else is running: every decode step at --max-batch rows, "
+        "prompts prefilled one at a time (slower; see docs/serving.md)",
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise RuntimeError("gpt2 serve needs the serve extra: pip install 'gpt2[serve]' (starlette, uvicorn)") from None
+    import torch
+
+    from gpt2.device import compute_dtype, pick_device
+    from gpt2.model import GPT
+    from gpt2.serve.server import ServeConfig, build_service, run_server, warm_up
+
+    device = pick_device(args.device)
+    model = GPT.from_pretrained(args.model, device=device, dtype=compute_dtype(args.dtype, device)).eval()
+    config = ServeConfig(
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
+        cuda_graph=False if args.no_cuda_graph else None,
+        compile=args.compile,
+        batch_invariant=args.batch_invariant,
+    )
+    torch.set_grad_enabled(False)
+    service = build_service(model, args.served_model_name or args.model, config)
+    t = warm_up(service)
+    print(
+        f"gpt2 serve: {service.model_id} on {device} ({next(model.parameters()).dtype}), "
+        f"max batch {args.max_batch}; warm-up {t['warmup_s']:.1f} s, {t['graphs']} CUDA graphs in "
+        f"{t['capture_s']:.1f} s; http://{args.host}:{args.port}/",
+        file=sys.stderr,
+        flush=True,
+    )
+    run_server(service, args.host, args.port, access_log=args.access_log)
+    return 0

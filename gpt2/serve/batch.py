@@ -1,0 +1,220 @@
+"""The batched model passes of the server: prefill of newcomers and one decode step for every slot.
+
+The KV cache is preallocated for max_batch slots x block_size columns. A slot is one sequence; its
+column c holds the key/value of its token at position c, so each slot has its own length. A decode
+step feeds one token per slot: slot b's new key/value go to column pos[b] of row b (not one shared
+column), and row b attends to columns 0..pos[b] only (a per-row additive mask built from pos).
+
+The step's state lives in fixed (max_batch,) buffers updated in place (tokens, positions, sampling
+settings, token indices): the step reads them, samples the next tokens on the device, writes them
+back as the next input and advances every row's position. The host
+therefore does not have to touch anything between two steps of the same sequences, and one CUDA
+graph per (batch bucket, key-length bucket, sampling mode) replays a whole step: the live rows
+are padded up to the batch bucket (rows past the last live slot are not computed), the keys are
+read up to the length bucket (columns past every live row's length are not read). On CPUs the same
+step runs eagerly; it is the same computation.
+
+Shape key: B rows (a batch bucket), L key columns read (a length bucket), S cache columns, T prompt
+length, V vocab_size, nh heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gpt2.model import GPT
+from gpt2.serve.sampling import FILTER, GREEDY, SAMPLE, sample_rows
+
+MODES = (GREEDY, SAMPLE, FILTER)
+
+
+def buckets(limit: int, start: int = 1) -> list[int]:
+    """Powers of two from start up to limit, and limit itself: the shapes graphs are captured for."""
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def bucket_for(n: int, sizes: list[int]) -> int:
+    """The smallest bucket that holds n."""
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+class SlotCache:
+    """Keys and values of max_batch sequences, one slot each: (max_batch, nh, S, hs) per layer.
+
+    The model calls update(layer, k, v) and reads mask (see gpt2.attention.KVCache for the
+    contract). In a decode pass k, v are (B, nh, 1, hs) and go to column cols[b] of slot b; the
+    pass attends to the first L columns. In a prefill pass k, v are (B, nh, T, hs) for the slots
+    in `rows` at columns 0..T-1, and attention runs over the prompt itself.
+    """
+
+    def __init__(self, model: GPT, max_batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        c = model.config
+        shape = (max_batch, c.n_head, c.block_size, c.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        self.rows: Tensor | None = None  # (B,) slots of this pass
+        self.cols: Tensor | None = None  # (B,) decode: column of each row's new token
+        self.length = 0  # decode: columns read (L); 0 in a prefill pass
+        self.mask: Tensor | None = None  # decode (B, 1, 1, L) additive; prefill (1, 1, T, T) bool
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        k_all, v_all = self.k[layer], self.v[layer]
+        if self.length == 0:  # prefill: store the prompt's keys, attend to them as they are
+            T = k.size(2)
+            k_all[self.rows, :, :T] = k.to(k_all.dtype)
+            v_all[self.rows, :, :T] = v.to(v_all.dtype)
+            return k, v
+        B = k.size(0)
+        k_all[self.rows, :, self.cols] = k[:, :, 0].to(k_all.dtype)  # (B, nh, hs): row b at its column
+        v_all[self.rows, :, self.cols] = v[:, :, 0].to(v_all.dtype)
+        return k_all[:B, :, : self.length], v_all[:B, :, : self.length]  # (B, nh, L, hs)
+
+
+class DecodeState:
+    """The per-slot buffers a decode step reads and updates in place, all (max_batch,)."""
+
+    def __init__(self, max_batch: int, device: torch.device) -> None:
+        long = dict(dtype=torch.long, device=device)
+        self.token = torch.zeros(max_batch, **long)  # input token of the next step
+        self.pos = torch.zeros(max_batch, **long)  # its position = its cache column
+        self.index = torch.zeros(max_batch, **long)  # tokens generated so far (the RNG counter)
+        self.seed = torch.zeros(max_batch, **long)
+        self.temperature = torch.zeros(max_batch, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(max_batch, **long)
+        self.top_p = torch.ones(max_batch, dtype=torch.float32, device=device)
+
+    def write(self, slots: Tensor, **values: Tensor) -> None:
+        """Set fields at slots (n,) (on the device) from host tensors (n,), in stream order: no
+        synchronization (on CUDA the host tensors are pinned first, so the copy is asynchronous)."""
+        for name, value in values.items():
+            buf = getattr(self, name)
+            buf.index_copy_(0, slots, to_device(value.to(buf.dtype), buf.device))
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """t on device without waiting for the copy (pinned staging on CUDA; the caching host
+    allocator keeps the pinned block until the copy is done)."""
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def decode_step(model: GPT, cache: SlotCache, state: DecodeState, out: Tensor, B: int, L: int, mode: int) -> Tensor:
+    """One token for slots 0..B-1, keys read up to column L: next tokens go to out[:B] and to
+    state.token, and every row advances. Rows of no live sequence compute garbage that nothing
+    reads (their positions stop at the last column). Returns the logits (B, V)."""
+    s = state
+    rows = torch.arange(B, device=s.token.device)  # (B,)
+    pos = s.pos[:B]
+    cache.rows, cache.cols, cache.length = rows, pos, L
+    allowed = torch.arange(L, device=pos.device)[None, :] <= pos[:, None]  # (B, L)
+    cache.mask = torch.zeros(allowed.shape, dtype=cache.k[0].dtype, device=pos.device).masked_fill_(
+        ~allowed, float("-inf")
+    )[:, None, None, :]  # (B, 1, 1, L)
+    logits, _ = model(s.token[:B, None], positions=pos[:, None], cache=cache)  # (B, 1, V)
+    logits = logits[:, -1, :]  # (B, V)
+    nxt = sample_rows(logits, s.temperature[:B], s.top_k[:B], s.top_p[:B], s.seed[:B], s.index[:B], mode)
+    out[:B].copy_(nxt)
+    s.token[:B].copy_(nxt)
+    s.pos[:B].add_(1).clamp_(max=cache.k[0].size(2) - 1)  # a dead row never runs off the cache
+    s.index[:B].add_(1)
+    return logits
+
+
+class BatchDecoder:
+    """Prefill and decode passes over one SlotCache; on CUDA each decode shape is one CUDA graph.
+
+    cuda_graph: capture every (batch bucket, length bucket, mode) step at start-up (capture_all)
+    and replay it; compile: torch.compile the step first (dynamic shapes: one compilation per mode).
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        max_batch: int,
+        *,
+        cuda_graph: bool = False,
+        compile: bool = False,
+        min_length_bucket: int = 64,
+    ) -> None:
+        p = next(model.parameters())
+        self.model, self.device, self.dtype = model, p.device, p.dtype
+        self.max_batch = max_batch
+        self.block_size = model.config.block_size
+        self.cache = SlotCache(model, max_batch, self.device, self.dtype)
+        self.state = DecodeState(max_batch, self.device)
+        self.out = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # (max_batch,) last step's tokens
+        self.logits = torch.zeros(max_batch, model.config.vocab_size, dtype=self.dtype, device=self.device)
+        self.batch_buckets = buckets(max_batch)
+        self.length_buckets = buckets(self.block_size, start=min(min_length_bucket, self.block_size))
+        self.use_graph = cuda_graph
+        self.step_fn = torch.compile(decode_step, dynamic=True) if compile else decode_step
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+
+    def shape_for(self, rows: int, length: int) -> tuple[int, int]:
+        """(batch bucket, length bucket) for the live slots 0..rows-1 and longest row `length`."""
+        return bucket_for(rows, self.batch_buckets), bucket_for(length, self.length_buckets)
+
+    @torch.no_grad()
+    def step(self, B: int, L: int, mode: int) -> tuple[Tensor, Tensor]:
+        """Run one decode step for bucket shape (B, L); returns views of the tokens (B,) and logits
+        (B, V) that the next step overwrites."""
+        graph = self.graphs.get((B, L, mode))
+        if graph is None:
+            return self.out[:B], self._run(B, L, mode)
+        graph.replay()
+        return self.out[:B], self.logits[:B]
+
+    def _run(self, B: int, L: int, mode: int) -> Tensor:
+        return self.step_fn(self.model, self.cache, self.state, self.out, B, L, mode)
+
+    @torch.no_grad()
+    def capture_all(self) -> int:
+        """Capture every decode shape as a CUDA graph (no-op without cuda_graph); returns how many.
+        The graphs share one memory pool: they never run at once and keep nothing between replays
+        but the persistent buffers."""
+        if not self.use_graph:
+            return 0
+        saved = {k: v.clone() for k, v in vars(self.state).items()}
+        pool = torch.cuda.graph_pool_handle()
+        for B in self.batch_buckets:
+            for L in self.length_buckets:
+                for mode in MODES:
+                    self._capture(B, L, mode, pool)
+        for k, v in saved.items():  # the warm-up runs advanced the buffers: put them back
+            getattr(self.state, k).copy_(v)
+        return len(self.graphs)
+
+    def _capture(self, B: int, L: int, mode: int, pool) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: compilation, cuBLAS workspaces
+            self._run(B, L, mode)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.logits[:B].copy_(self._run(B, L, mode))
+        self.graphs[(B, L, mode)] = graph
+
+    @torch.no_grad()
+    def prefill(self, slots: Tensor, prompts: list[list[int]]) -> Tensor:
+        """Run the prompts (right-padded) into their slots; returns their logits (n, T, V): row i's
+        prediction after its token t is at [i, t]. slots (n,) long on the device."""
+        T = max(len(p) for p in prompts)
+        tokens = torch.zeros((len(prompts), T), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        c = self.cache
+        c.rows, c.cols, c.length = slots, None, 0
+        # right padding sits after every real token, so causal attention keeps it out of real rows
+        c.mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]  # (1, 1, T, T)
+        logits, _ = self.model(to_device(tokens, self.device), cache=c)  # (n, T, V)
+        return logits

@@ -1,0 +1,115 @@
+"""Putting the server together: engine + app from a model, warm-up, and running it with uvicorn
+(in the foreground for `gpt2 serve`, or in a background thread for tests and benchmarks)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from gpt2.model import GPT
+from gpt2.serve.app import Service, create_app
+from gpt2.serve.batch import BatchDecoder
+from gpt2.serve.engine import Engine, Request
+from gpt2.tokenizer import EOT_ID
+
+
+@dataclass
+class ServeConfig:
+    """The engine's settings (`gpt2 serve` flags of the same names)."""
+
+    max_batch: int = 32  # cache slots = sequences decoded together
+    max_queue: int = 1024  # sequences waiting for a slot before requests get 429
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled per step boundary (bounds the stall)
+    cuda_graph: bool | None = None  # None: on for CUDA
+    compile: bool = False  # torch.compile the decode step before capture
+    batch_invariant: bool = False  # exact results whatever the batch (fixed decode shape, prefill one by one)
+
+
+def build_service(model: GPT, model_id: str, config: ServeConfig) -> Service:
+    """Engine (not started) and the Service the HTTP handlers share, for a model in eval mode."""
+    if config.max_batch < 1 or config.max_queue < 1 or config.max_prefill_tokens < 1:
+        raise ValueError("max_batch, max_queue and max_prefill_tokens must be >= 1")
+    device = next(model.parameters()).device
+    graph = device.type == "cuda" if config.cuda_graph is None else config.cuda_graph
+    if graph and device.type != "cuda":
+        raise ValueError("CUDA graphs need a CUDA device")
+    decoder = BatchDecoder(model.eval(), config.max_batch, cuda_graph=graph, compile=config.compile)
+    holder: list[Service] = []
+    engine = Engine(
+        decoder,
+        lambda outputs: holder[0].on_outputs(outputs),
+        eos_id=EOT_ID,
+        max_queue=config.max_queue,
+        max_prefill_tokens=config.max_prefill_tokens,
+        batch_invariant=config.batch_invariant,
+    )
+    holder.append(Service(engine, model_id, model.config.block_size, model.config.vocab_size))
+    return holder[0]
+
+
+def warm_up(service: Service) -> dict[str, float]:
+    """Before serving: run a few requests through every sampling mode and capture the decode graphs,
+    so the first client pays no one-time costs. Returns seconds spent per part."""
+    engine, times = service.engine, {}
+    t0 = time.perf_counter()
+    block = service.block_size
+    prompt = [EOT_ID] * min(8, block - 4)
+    warm = [
+        Request(prompt, 4),
+        Request(prompt, 4, temperature=1.0, seed=1),
+        Request(prompt, 4, temperature=0.8, top_k=5, top_p=0.9, seed=2, logprobs=2, prompt_logprobs=2),
+    ]
+    engine.submit(warm)
+    while not engine.idle:
+        engine.iterate()
+    engine.sync()
+    times["warmup_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n = engine.decoder.capture_all()
+    engine.sync()
+    times["graphs"], times["capture_s"] = n, time.perf_counter() - t0
+    return times
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_server(service: Service, host: str, port: int, log_level: str = "info", access_log: bool = False) -> None:
+    """Serve until interrupted (uvicorn handles SIGINT / SIGTERM)."""
+    import uvicorn
+
+    uvicorn.run(create_app(service), host=host, port=port, log_level=log_level, access_log=access_log)
+
+
+class ServerThread:
+    """uvicorn in a background thread on 127.0.0.1 (tests, benchmarks): `with ServerThread(s) as url:`."""
+
+    def __init__(self, service: Service, port: int | None = None) -> None:
+        import uvicorn
+
+        self.port = port or free_port()
+        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="gpt2-serve-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,161 @@
+"""One /v1/completions answer being built from engine outputs: JSON at the end, or SSE events.
+
+Choices are numbered prompt-major (prompt i, sample j -> index i * n + j), as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from gpt2.serve.engine import Output
+from gpt2.serve.engine import Request as Sequence
+from gpt2.serve.protocol import APIError, CompletionParams
+from gpt2.serve.text import ChoiceText, logprobs_block
+
+DONE = "data: [DONE]\n\n"
+_NO_LP_NO_FINISH = '"logprobs": null, "finish_reason": null}'
+
+
+@dataclass(eq=False)
+class _Choice:
+    index: int
+    seq_id: int
+    prompt: list[int]
+    prompt_text: str
+    text: ChoiceText
+    tokens: list[int] = field(default_factory=list)
+    entries: list = field(default_factory=list)  # per token: (log p, [(id, log p)]) or None
+    prompt_entries: list | None = None
+    finish_reason: str | None = None
+    echoed: bool = False
+
+
+class Completion:
+    """The choices of one request; `collect()` for a JSON answer, `events()` for a stream."""
+
+    def __init__(self, service, params: CompletionParams, seqs: list[Sequence], ids: list[int], queue, cid: str):
+        self.service, self.p, self.queue, self.id = service, params, queue, cid
+        self.created = int(time.time())
+        tok = service.tok
+        self.choices = {
+            id(s): _Choice(i, sid, s.prompt, tok.decode(s.prompt), ChoiceText(tok, params.stop))
+            for i, (s, sid) in enumerate(zip(seqs, ids))
+        }
+        self.open = len(self.choices)
+        self.error: str | None = None
+        head = {"id": cid, "object": "text_completion", "created": self.created, "model": params.model}
+        self._head = json.dumps(head)[:-1] + ', "choices": ['  # every chunk's constant start
+
+    def close(self) -> None:
+        """Stop whatever is still generating (client gone, or the answer is complete)."""
+        running = [c.seq_id for c in self.choices.values() if c.finish_reason is None]
+        if running:
+            self.service.engine.cancel(running)
+
+    async def collect(self) -> dict:
+        while self.open:
+            self._apply(await self.queue.get(), stream=False)
+        if self.error:
+            return {"error": self.error}
+        choices = [self._choice_json(c) for c in sorted(self.choices.values(), key=lambda c: c.index)]
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.p.model,
+            "choices": choices,
+            "usage": self._usage(),
+        }
+
+    async def events(self) -> AsyncIterator[str]:
+        while self.open:
+            batch = [await self.queue.get()]
+            while not self.queue.empty():  # the client fell behind: send what is there in one write
+                batch.append(self.queue.get_nowait())
+            chunks = [e for out in batch for e in self._apply(out, stream=True)]
+            if chunks:
+                yield "".join(chunks)
+        tail = []
+        if self.error:
+            error = APIError(500, self.error, code="internal_error")
+            tail.append(f"data: {json.dumps(error.body())}\n\n")
+        elif self.p.include_usage:
+            tail.append(f'data: {self._head}], "usage": {json.dumps(self._usage())}}}\n\n')
+        yield "".join(tail) + DONE
+
+    def _apply(self, out: Output, stream: bool) -> list[str]:
+        """Take one engine output into its choice; the SSE events it makes (when streaming)."""
+        c = self.choices[id(out.request)]
+        if c.finish_reason is not None:
+            return []  # e.g. tokens that were on their way when a stop string ended the choice
+        events = []
+        if out.prompt_logprobs is not None:
+            c.prompt_entries = out.prompt_logprobs
+        if stream and self.p.echo and not c.echoed:
+            c.echoed = True
+            events.append(self._chunk(c, c.prompt_text, self._echo_logprobs(c)))
+        for i, token in enumerate(out.tokens):
+            offset = len(c.prompt_text) + len(c.text.text)
+            piece = c.text.add([token])
+            entry = out.logprobs[i] if out.logprobs else None
+            c.tokens.append(token)
+            c.entries.append(entry)
+            if stream:
+                lp = self._logprobs([token], [entry], offset) if self.want_lp else None
+                events.append(self._chunk(c, piece, lp))
+            if c.text.stopped:
+                self.service.engine.cancel([c.seq_id])
+                return events + self._finish(c, "stop", stream)
+        if out.finish_reason is not None:
+            if out.error:
+                self.error = out.error
+            reason = {"cancelled": "stop", "error": "error"}.get(out.finish_reason, out.finish_reason)
+            events += self._finish(c, reason, stream)
+        return events
+
+    @property
+    def want_lp(self) -> bool:
+        return self.p.logprobs is not None
+
+    def _finish(self, c: _Choice, reason: str, stream: bool) -> list[str]:
+        c.finish_reason = reason
+        self.open -= 1
+        rest = c.text.finish()
+        return [self._chunk(c, rest, None, reason)] if stream else []
+
+    def _chunk(self, c: _Choice, text: str, logprobs: dict | None, finish: str | None = None) -> str:
+        if logprobs is None and finish is None:  # the per-token event: only the text needs encoding
+            return f'data: {self._head}{{"index": {c.index}, "text": {json.dumps(text)}, {_NO_LP_NO_FINISH}]}}\n\n'
+        choice = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return f"data: {self._head}{json.dumps(choice)}]}}\n\n"
+
+    def _logprobs(self, tokens: list[int], entries: list, offset: int) -> dict:
+        return logprobs_block(self.service.tok, tokens, entries, self.p.logprobs, offset)
+
+    def _echo_logprobs(self, c: _Choice) -> dict | None:
+        if not self.want_lp:
+            return None
+        return self._logprobs(c.prompt, [None, *(c.prompt_entries or [])], 0)
+
+    def _choice_json(self, c: _Choice) -> dict:
+        prompt_text = c.prompt_text if self.p.echo else ""
+        logprobs = None
+        if self.want_lp:
+            tokens, entries = c.tokens, c.entries
+            if self.p.echo:
+                tokens, entries = c.prompt + tokens, [None, *(c.prompt_entries or []), *entries]
+            logprobs = self._logprobs(tokens, entries, 0 if self.p.echo else len(c.prompt_text))
+        return {
+            "index": c.index,
+            "text": prompt_text + c.text.text,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+        }
+
+    def _usage(self) -> dict:
+        prompt = sum(len(p) for p in self.p.prompts)
+        completion = sum(len(c.tokens) for c in self.choices.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,0 +1,105 @@
+"""From token ids to what a completion choice shows: streamed text, stop strings, logprobs.
+
+Text is decoded incrementally from bytes, so a character split across tokens appears once it is
+complete. With stop strings, text that could still turn into a stop string is held back until it
+cannot; when one appears, the text is cut before it and the choice stops (OpenAI's behaviour).
+"""
+
+from __future__ import annotations
+
+import codecs
+
+from gpt2.tokenizer import Tokenizer
+
+
+def token_string(tok: Tokenizer, token: int) -> str:
+    """A token as text; a token that is not whole UTF-8 is written as OpenAI does, 'bytes:\\xe2\\x80'."""
+    data = tok.decode_bytes([token])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+class ChoiceText:
+    """The text of one choice, fed token by token; `stopped` once a stop string has appeared."""
+
+    def __init__(self, tok: Tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.tok, self.stop = tok, stop
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # decoded so far (cut at a stop string)
+        self.emitted = 0  # characters of text handed out
+        self.stopped = False
+
+    def add(self, tokens: list[int]) -> str:
+        """Feed new tokens; return the text that can be shown now."""
+        if self.stopped:
+            return ""
+        self.text += self.decoder.decode(self.tok.decode_bytes(tokens))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text at the end of the choice."""
+        if not self.stopped:
+            self.text += self.decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        safe = len(self.text)
+        if self.stop and not self.stopped:
+            start = max(0, self.emitted - max(len(s) for s in self.stop) + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text, self.stopped = self.text[: min(hits)], True
+                safe = len(self.text)
+            elif not final:
+                safe -= self._held_back()
+        out = self.text[self.emitted : safe]
+        self.emitted = safe
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest end of text that is the start of a stop string."""
+        for n in range(min(len(self.text), max(len(s) for s in self.stop) - 1), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+
+def text_offsets(tok: Tokenizer, tokens: list[int], start: int = 0) -> list[int]:
+    """Character offset of each token in the decoded text of `tokens` (plus start)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offsets, n = [], start
+    for t in tokens:
+        offsets.append(n)
+        n += len(decoder.decode(tok.decode_bytes([t])))
+    return offsets
+
+
+def logprobs_block(
+    tok: Tokenizer,
+    tokens: list[int],
+    entries: list[tuple[float, list[tuple[int, float]]] | None],
+    k: int,
+    offset_start: int = 0,
+) -> dict:
+    """OpenAI's choice.logprobs: tokens, token_logprobs, top_logprobs, text_offset; an entry of
+    None (the first prompt token, which nothing predicts) gives null log p and null top list."""
+    token_logprobs, top = [], []
+    for token, entry in zip(tokens, entries):
+        if entry is None:
+            token_logprobs.append(None)
+            top.append(None)
+            continue
+        lp, alternatives = entry
+        token_logprobs.append(lp)
+        d = {token_string(tok, t): v for t, v in alternatives[:k]}
+        d.setdefault(token_string(tok, token), lp)  # the chosen token is always listed (OpenAI: up to k+1)
+        top.append(d)
+    return {
+        "tokens": [token_string(tok, t) for t in tokens],
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": text_offsets(tok, tokens, offset_start),
+    }

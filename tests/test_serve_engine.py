@@ -1,0 +1,190 @@
+"""The serving engine on a CPU with the tiny model: continuous batching gives each request what it
+gets alone, slots are reused, sampling noise ignores the batch, echo logprobs equal the project's
+own scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2 import GPT, GPTConfig
+from gpt2.evaluation import score_continuations
+from gpt2.generation import filter_logits, generate_batch
+from gpt2.serve.batch import BatchDecoder, buckets
+from gpt2.serve.engine import Engine, QueueFull, Request
+from gpt2.serve.sampling import FILTER, SAMPLE, filter_rows, sample_rows, uniforms
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    """The tiny shape with a 512-token vocabulary (sampling over 50,257 ids is what costs on a CPU)."""
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_name("tiny", vocab_size=VOCAB)).eval()
+
+
+def make_engine(model, max_batch=32, **kwargs):
+    outputs = []
+    engine = Engine(BatchDecoder(model, max_batch, min_length_bucket=16), outputs.extend, eos_id=VOCAB - 1, **kwargs)
+    return engine, outputs
+
+
+def run(model, requests, max_batch=32, **kwargs):
+    """Submit all requests at once, step until idle; new tokens (and logprobs) per request."""
+    engine, outputs = make_engine(model, max_batch, **kwargs)
+    engine.submit(requests)
+    while not engine.idle:
+        engine.iterate()
+    tokens = {id(r): [] for r in requests}
+    logprobs = {id(r): [] for r in requests}
+    finish = {}
+    for o in outputs:
+        tokens[id(o.request)] += o.tokens
+        logprobs[id(o.request)] += o.logprobs or []
+        if o.finish_reason:
+            finish[id(o.request)] = o.finish_reason
+    return [tokens[id(r)] for r in requests], [logprobs[id(r)] for r in requests], [finish[id(r)] for r in requests]
+
+
+def prompts(n, seed=0, max_len=20):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len, (n,), generator=g).tolist()
+    return [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in lengths]
+
+
+def mixed_requests(n, seed=0):
+    """Greedy, plain sampling and filtered sampling, different lengths and budgets."""
+    out = []
+    for i, p in enumerate(prompts(n, seed)):
+        kind = i % 3
+        out.append(
+            Request(
+                p,
+                max_tokens=8 + (i * 7) % 30,
+                temperature=[0.0, 1.0, 0.8][kind],
+                top_k=[None, None, 50][kind],
+                top_p=[None, None, 0.9][kind],
+                seed=1000 + i,
+                logprobs=2,
+                stop_at_eos=False,
+            )
+        )
+    return out
+
+
+def test_greedy_equals_plain_generation(model):
+    ps = prompts(4, seed=3)
+    (tokens, _, finish) = run(model, [Request(p, 12, stop_at_eos=False) for p in ps])
+    ref = generate_batch(model, ps, 12, pad_id=0, temperature=0.0, fast=False)
+    assert tokens == ref
+    assert finish == ["length"] * 4
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_alone_equals_among_31_others(model, batch_invariant):
+    requests = mixed_requests(32)
+    together, lp_together, _ = run(model, requests, batch_invariant=batch_invariant)
+    for i in (0, 1, 2, 17, 31):  # greedy, sampled, filtered, ...
+        alone, lp_alone, _ = run(model, [requests[i]], batch_invariant=batch_invariant)
+        assert alone[0] == together[i], f"request {i} changed with the batch"
+        a = torch.tensor([lp for lp, _ in lp_alone[0]])
+        t = torch.tensor([lp for lp, _ in lp_together[i]])
+        if batch_invariant:  # bit for bit
+            assert torch.equal(a, t)
+        else:  # MKL's sgemm rounds a 1-row product differently from a 32-row one (~1e-7)
+            torch.testing.assert_close(a, t, rtol=0, atol=1e-5)
+
+
+def test_more_requests_than_slots_all_finish_with_their_own_tokens(model):
+    requests = mixed_requests(20, seed=5)
+    few_slots, _, finish = run(model, requests, max_batch=4)
+    many_slots, _, _ = run(model, requests, max_batch=32, batch_invariant=False)
+    assert few_slots == many_slots
+    assert [len(t) for t in few_slots] == [r.max_tokens for r in requests]
+    assert set(finish) == {"length"}
+
+
+def test_cancel_frees_the_slot_and_later_requests_run(model):
+    engine, outputs = make_engine(model, max_batch=2)
+    ids = engine.submit([Request([1, 2, 3], 50, stop_at_eos=False), Request([4], 50, stop_at_eos=False)])
+    for _ in range(3):
+        engine.iterate()
+    assert engine.stats()["running"] == 2
+    engine.cancel(ids[:1])
+    engine.iterate()
+    assert engine.stats()["running"] == 1
+    later = Request([5, 6], 4, stop_at_eos=False)
+    engine.submit([later])
+    while not engine.idle:
+        engine.iterate()
+    reasons = {id(o.request): o.finish_reason for o in outputs if o.finish_reason}
+    assert reasons[id(later)] == "length" and "cancelled" in reasons.values()
+    assert sum(len(o.tokens) for o in outputs if o.request is later) == 4
+
+
+def test_queue_bound(model):
+    engine, _ = make_engine(model, max_batch=1, max_queue=2)
+    engine.submit([Request([1], 4), Request([2], 4)])
+    with pytest.raises(QueueFull):
+        engine.submit([Request([3], 4)])
+    with pytest.raises(ValueError, match="at most 2"):
+        engine.submit([Request([3], 4)] * 3)
+
+
+def test_echo_logprobs_equal_continuation_scores(model):
+    context, continuation = [464, 313, 286], [204, 318, 257, 132]
+    engine, outputs = make_engine(model)
+    engine.submit([Request(context + continuation, 0, prompt_logprobs=1)])
+    while not engine.idle:
+        engine.iterate()
+    (out,) = outputs
+    assert out.finish_reason == "length" and out.tokens == []
+    lps = [lp for lp, _ in out.prompt_logprobs]  # log p of prompt tokens 1..
+    scores = score_continuations(model, [(context, continuation)], rows_per_batch=1, pad_id=0)
+    ours = sum(lps[len(context) - 1 :])
+    assert ours == pytest.approx(scores.logprob[0].item(), abs=1e-4)
+    greedy = all(top[0][0] == tok for (_, top), tok in zip(out.prompt_logprobs[len(context) - 1 :], continuation))
+    assert greedy == bool(scores.greedy[0])
+
+
+def test_filter_rows_is_filter_logits_row_by_row():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 100)
+    settings = [(None, None), (5, None), (None, 0.5), (10, 0.8), (1, None), (100, 0.999)]
+    top_k = torch.tensor([100 if k is None else k for k, _ in settings])
+    top_p = torch.tensor([1.0 if p is None else p for _, p in settings])
+    out = filter_rows(logits, top_k, top_p)
+    for i, (k, p) in enumerate(settings):
+        assert torch.equal(out[i], filter_logits(logits[i : i + 1], k, p)[0])
+
+
+def test_random_numbers_depend_only_on_seed_and_index():
+    seeds, index = torch.tensor([7, 8, 2**62 + 5, 7]), torch.tensor([0, 3, 9, 1])
+    u = uniforms(seeds, index)
+    for i in range(4):
+        assert torch.equal(uniforms(seeds[i : i + 1], index[i : i + 1]), u[i : i + 1])
+    assert len(set(u.tolist())) == 4 and ((u > 0) & (u < 1)).all()
+
+
+def test_unfiltered_rows_draw_the_same_in_both_modes():
+    torch.manual_seed(0)
+    logits, n = torch.randn(64, 300), 64
+    args = (torch.full((n,), 0.9), torch.full((n,), 300), torch.ones(n), torch.arange(n), torch.arange(n))
+    assert torch.equal(sample_rows(logits, *args, SAMPLE), sample_rows(logits, *args, FILTER))
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    n = 20000
+    logits = probs.log().expand(n, 4)
+    ones = torch.ones(n)
+    draws = sample_rows(logits, ones, torch.full((n,), 4), ones, torch.full((n,), 42), torch.arange(n), FILTER)
+    freq = torch.bincount(draws, minlength=4).float() / n
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+
+
+def test_buckets():
+    assert buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert buckets(1024, start=64) == [64, 128, 256, 512, 1024]
