@@ -46,16 +46,37 @@ class TrainingConfig:
     total_batch_size: int = _f(524288, "tokens per optimizer step (2**19, about 0.5M, as GPT-3 small)")
     micro_batch_size: int = _f(64, "sequences per forward/backward pass on each process")
     seq_len: int = _f(1024, "tokens per sequence (at most the model's block_size)")
-    # optimizer and schedule
-    max_lr: float = _f(6e-4, "peak learning rate (GPT-3 small)")
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of max_lr")
-    warmup_steps: int = _f(715, "linear warmup steps (375M tokens, as GPT-3)")
-    max_steps: int = _f(19073, "optimizer steps (19073 x 0.5M = 10B tokens, one epoch of FineWeb-Edu 10B)")
+    # optimizer
+    optimizer: str = _f("adamw", "adamw (every parameter), or muon (the blocks' matrices; AdamW for the rest)")
+    max_lr: float = _f(6e-4, "peak learning rate of AdamW (GPT-3 small)")
     weight_decay: float = _f(0.1, "AdamW weight decay, on 2-D parameters (matmuls, embeddings) only")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
+    muon_lr: float = _f(3.6e-3, "muon: peak learning rate of the blocks' matrices (units set by muon_adjust_lr)")
+    muon_momentum: float = _f(0.95, "muon: momentum")
+    muon_nesterov: bool = _f(True, "muon: Nesterov momentum")
+    muon_weight_decay: float = _f(0.0, "muon: decoupled weight decay of the blocks' matrices")
+    muon_adjust_lr: str = _f(
+        "match_rms_adamw", "muon: match_rms_adamw (update RMS as AdamW's: AdamW-sized lr), spectral, or none"
+    )
+    muon_split_qkv: bool = _f(True, "muon: orthogonalize c_attn's query, key and value matrices separately")
+    embedding_lr: float | None = _f(None, "muon: AdamW lr of the tied token embedding / LM head (unset: max_lr)")
+    embedding_weight_decay: float | None = _f(None, "muon: its weight decay (unset: weight_decay)")
+    position_lr: float | None = _f(None, "muon: AdamW lr of the position embeddings (unset: max_lr)")
+    position_weight_decay: float | None = _f(None, "muon: their weight decay (unset: weight_decay)")
+    scalar_lr: float | None = _f(None, "muon: AdamW lr of biases and LayerNorm parameters (unset: max_lr)")
+    scalar_weight_decay: float = _f(0.0, "muon: their weight decay")
+    # schedule
+    lr_schedule: str = _f("cosine", "cosine (to min_lr_ratio at max_steps), or wsd (warmup, stable, decay)")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    warmup_steps: int = _f(715, "linear warmup steps (375M tokens, as GPT-3)")
+    max_steps: int = _f(19073, "optimizer steps (19073 x 0.5M = 10B tokens, one epoch of FineWeb-Edu 10B)")
+    decay_fraction: float = _f(0.2, "wsd: decay over this last fraction of max_steps")
+    decay_shape: str = _f("linear", "wsd: linear, or sqrt (1 - sqrt of the decay's progress)")
+    batch_warmup_steps: int = _f(0, "grow tokens per step linearly over the first N steps (0: off)")
+    batch_warmup_tokens: int = _f(65536, "batch warmup: tokens per step at step 0 (lr scaled by sqrt of the ratio)")
     # periodic work (intervals in optimizer steps; 0 = never; each also runs after the last step)
     eval_interval: int = _f(250, "validation loss every N steps")
     val_steps: int = _f(20, "validation batches (micro_batch_size x seq_len each, per process)")
@@ -120,12 +141,39 @@ class TrainingConfig:
             )
 
     def _validate_optimizer(self) -> None:
-        if not self.max_lr > 0:
-            raise ValueError(f"max_lr must be > 0, got {self.max_lr}")
+        choose = {
+            "optimizer": ("adamw", "muon"),
+            "lr_schedule": ("cosine", "wsd"),
+            "decay_shape": ("linear", "sqrt"),
+            "muon_adjust_lr": ("match_rms_adamw", "spectral", "none"),
+        }
+        for name, allowed in choose.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        for name in ("max_lr", "muon_lr", "embedding_lr", "position_lr", "scalar_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        for name in ("muon_weight_decay", "embedding_weight_decay", "position_weight_decay", "scalar_weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
-            raise ValueError(f"need 0 <= beta1, beta2 < 1 and eps > 0, got {self.beta1}, {self.beta2}, {self.eps}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0 and 0 <= self.muon_momentum < 1):
+            raise ValueError(
+                f"need 0 <= beta1, beta2, muon_momentum < 1 and eps > 0, got {self.beta1}, {self.beta2}, "
+                f"{self.muon_momentum}, {self.eps}"
+            )
+        if self.batch_warmup_steps < 0 or self.batch_warmup_tokens < 1:
+            raise ValueError("batch_warmup_steps must be >= 0 and batch_warmup_tokens >= 1")
+        if self.optimizer == "muon" and self.parallelism == "fsdp":
+            raise ValueError(
+                "optimizer muon needs whole weight matrices and does not run under --parallelism fsdp; "
+                "use --parallelism ddp, or --optimizer adamw with fsdp"
+            )
 
     def _validate_runtime(self) -> None:
         if self.dtype not in DTYPE_CHOICES and self.dtype not in DTYPES:

@@ -36,11 +36,11 @@ from gpt2.distributed import DistInfo, all_reduce_sum, barrier, on_main_rank
 from gpt2.fileio import atomic_write_json
 from gpt2.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops, plot_run
 from gpt2.model import GPT
-from gpt2.training.optim import build_optimizer, set_lr
+from gpt2.training.optim import apply_schedule, build_optimizer
 from gpt2.training.parallel import Snapshot, make_strategy
 from gpt2.training.periodic import due, load_hellaswag_examples, oom_message, sample_prompt, samples
 from gpt2.training.plan import RunPlan, check_shards
-from gpt2.training.schedule import lr_at
+from gpt2.training.schedule import batch_lr_scale, lr_factor, micro_steps, tokens_through
 from gpt2.training.state import RngState, TrainerState
 from gpt2.training.step import StepKernels, apply_gradients, clip_gradients, forward_backward
 
@@ -104,13 +104,14 @@ class Trainer:
         self.model = self._build_model(model_config)
         self.optimizer = build_optimizer(self.model, cfg, device)
         self.train_loader, self.val_loader = self._build_loaders(data_root)
+        self.per_micro = cfg.micro_batch_size * cfg.seq_len * info.world_size  # tokens of one micro-step
         self.state = TrainerState(
             loader=self.train_loader,
             scaler=self.scaler,
             rng=RngState(info, cfg.seed),
             info=info,
             parallelism=self.strategy.name,
-            tokens_per_step=cfg.total_batch_size,
+            tokens_seen=lambda step: tokens_through(step - 1, cfg, self.per_micro) if step else 0,
         )
         self.hellaswag = load_hellaswag_examples(cfg, log.info)
         self.prompt = sample_prompt(cfg, model_config.vocab_size, log.info)
@@ -239,13 +240,14 @@ class Trainer:
         cfg, info, device = self.cfg, self.info, self.info.device
         self.phase = "training"
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        set_lr(self.optimizer, lr)
+        factor = lr_factor(step, cfg) * batch_lr_scale(step, cfg, self.per_micro)
+        apply_schedule(self.optimizer, cfg, factor)
         self.optimizer.zero_grad(set_to_none=True)
+        accum = micro_steps(step, cfg, self.per_micro)
         loss = forward_backward(
             self.train_model,
             self.train_loader.next_batch,
-            self.plan.grad_accum_steps,
+            accum,
             amp_dtype=self.amp_dtype,
             scaler=self.scaler,
             kernels=self.kernels,
@@ -259,7 +261,7 @@ class Trainer:
         apply_gradients(self.optimizer, self.scaler)
         synchronize(device)
         self.last_loss = loss_value
-        self._log_step(step, loss_value, lr, float(grad_norm), time.perf_counter() - t0)
+        self._log_step(step, loss_value, cfg.max_lr * factor, float(grad_norm), time.perf_counter() - t0)
         return stop_votes > 0
 
     def _check_finite(self, step: int, loss: float, norm: float) -> None:
@@ -275,15 +277,15 @@ class Trainer:
         )
 
     def _log_step(self, step: int, loss: float, lr: float, norm: float, seconds: float) -> None:
-        tokens_per_sec = self.cfg.total_batch_size / seconds
+        tokens_per_sec = micro_steps(step, self.cfg, self.per_micro) * self.per_micro / seconds
         record: dict[str, Any] = {
             "step": step,
             "loss": loss,
-            "lr": lr,
+            "lr": lr,  # AdamW's peak times the schedule (Muon's groups follow the same factor)
             "grad_norm": norm,
             "step_time": seconds,
             "tokens_per_sec": tokens_per_sec,
-            "tokens": (step + 1) * self.cfg.total_batch_size,
+            "tokens": tokens_through(step, self.cfg, self.per_micro),
         }
         peak = self.peak if self.amp_dtype is not None else None
         utilization = mfu(self.flops_per_token, tokens_per_sec / self.info.world_size, peak)

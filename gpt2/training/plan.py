@@ -108,7 +108,7 @@ def plan_run(cfg: TrainingConfig, world_size: int = 1) -> RunPlan:
         if resume_from is not None:
             verified(resume_from)  # every file against its sha256: never train on a damaged checkpoint
             check_same_model(resume_from, cfg.model_config())
-            check_same_data(resume_from, cfg)
+            check_same_data(resume_from, cfg)  # and the same optimizer
     plan = RunPlan(replace(cfg, out_dir=str(run_dir)), run_dir, resume_from, accum, world_size)
     check_data(plan)
     return plan
@@ -126,9 +126,16 @@ def check_same_model(ckpt: Path, model_config: GPTConfig) -> None:
 
 
 def check_same_data(ckpt: Path, cfg: TrainingConfig) -> None:
-    """A run continues on its own data: a --data file other than the one it tokenized is refused
-    (the run's shards in RUN_DIR/data would be used, not the new file)."""
-    saved = load_train_config(ckpt).get("data")
+    """A run continues with its own optimizer (the checkpoint holds that one's state) and on its own
+    data: a --data file other than the one it tokenized is refused (its RUN_DIR/data would be used)."""
+    saved_config = load_train_config(ckpt)
+    optimizer = saved_config.get("optimizer", "adamw")  # checkpoints from before Muon are AdamW's
+    if cfg.optimizer != optimizer:
+        raise ValueError(
+            f"cannot resume {ckpt} with --optimizer {cfg.optimizer}: it was trained with {optimizer}, whose state "
+            f"it holds; resume with --optimizer {optimizer}, or start a new run"
+        )
+    saved = saved_config.get("data")
     if cfg.data != saved:
         was = f"--data {saved} (tokenized into its {DATA_DIR}/)" if saved else f"the shards in {cfg.data_root}"
         raise ValueError(

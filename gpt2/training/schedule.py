@@ -1,4 +1,20 @@
-"""The learning-rate schedule, its one home: the learning rate of every optimizer step."""
+"""The schedules, their one home: the learning rate and the batch size of every optimizer step.
+
+Learning rate, as a factor of each parameter group's peak (max_lr for AdamW's groups, muon_lr for
+Muon's), after a linear warmup from 1/warmup_steps to 1 over warmup_steps:
+
+    cosine  a cosine from 1 down to min_lr_ratio at max_steps (GPT-3, build-nanogpt)
+    wsd     warmup-stable-decay: 1 until the last decay_fraction of the steps, then down to
+            min_lr_ratio at max_steps, linearly or as 1 - sqrt (Hägele et al. 2024, "Scaling Laws and
+            Compute-Optimal Training Beyond Fixed Training Durations"). The stable phase does not
+            depend on the run's length, so a longer run continues a shorter one's curve.
+
+Batch size: with batch_warmup_steps > 0 the tokens per step grow linearly from
+batch_warmup_tokens to total_batch_size over that many steps, in whole micro-steps (micro_batch_size
+x seq_len x processes), and each step's learning rate is scaled by sqrt(tokens / total_batch_size),
+the square-root rule for Adam-type updates (Malladi et al. 2022, "On the SDEs and Scaling Rules for
+Adaptive Gradient Algorithms").
+"""
 
 from __future__ import annotations
 
@@ -6,14 +22,64 @@ import math
 
 from gpt2.training.config import TrainingConfig
 
+LR_SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "sqrt")
 
-def lr_at(step: int, cfg: TrainingConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup from max_lr/warmup_steps to
-    max_lr over warmup_steps, then cosine decay to min_lr_ratio * max_lr at max_steps (held after)."""
-    max_lr, min_lr = cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio
+
+def lr_factor(step: int, cfg: TrainingConfig) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of the peak, schedule only."""
     if step < cfg.warmup_steps:
-        return max_lr * (step + 1) / cfg.warmup_steps
-    if step >= cfg.max_steps or cfg.max_steps == cfg.warmup_steps:
-        return min_lr
+        return (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr_ratio
+    if cfg.lr_schedule == "wsd":
+        return _wsd(step, cfg)
+    if cfg.max_steps == cfg.warmup_steps:
+        return cfg.min_lr_ratio
     progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    return cfg.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - cfg.min_lr_ratio)
+
+
+def _wsd(step: int, cfg: TrainingConfig) -> float:
+    decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
+    start = cfg.max_steps - decay_steps
+    if step < start:
+        return 1.0
+    progress = (step - start) / decay_steps  # 0 at the first decay step, -> 1 at max_steps
+    drop = math.sqrt(progress) if cfg.decay_shape == "sqrt" else progress
+    return 1.0 - drop * (1.0 - cfg.min_lr_ratio)
+
+
+def lr_at(step: int, cfg: TrainingConfig, per_micro: int | None = None) -> float:
+    """The peak learning rate (max_lr's) of step `step`: the schedule times the batch-warmup scale.
+    per_micro: tokens of one micro-step over all processes (default: one process's)."""
+    return cfg.max_lr * lr_factor(step, cfg) * batch_lr_scale(step, cfg, per_micro)
+
+
+def micro_steps(step: int, cfg: TrainingConfig, per_micro: int | None = None) -> int:
+    """Micro-steps (forward/backward passes per process) of optimizer step `step`: total_batch_size /
+    per_micro, or during a batch warmup the nearest whole number to a linear ramp in tokens from
+    batch_warmup_tokens (at least one)."""
+    per_micro = per_micro or cfg.micro_batch_size * cfg.seq_len
+    full = cfg.total_batch_size // per_micro
+    if step >= cfg.batch_warmup_steps:
+        return full
+    start = min(cfg.batch_warmup_tokens, cfg.total_batch_size)
+    tokens = start + (cfg.total_batch_size - start) * step / cfg.batch_warmup_steps
+    return max(1, min(full, round(tokens / per_micro)))
+
+
+def batch_lr_scale(step: int, cfg: TrainingConfig, per_micro: int | None = None) -> float:
+    """sqrt(tokens of this step / total_batch_size): 1 once the batch warmup is over."""
+    if step >= cfg.batch_warmup_steps:
+        return 1.0
+    per_micro = per_micro or cfg.micro_batch_size * cfg.seq_len
+    return math.sqrt(micro_steps(step, cfg, per_micro) * per_micro / cfg.total_batch_size)
+
+
+def tokens_through(step: int, cfg: TrainingConfig, per_micro: int | None = None) -> int:
+    """Tokens trained on by steps 0 .. step (all processes together)."""
+    per_micro = per_micro or cfg.micro_batch_size * cfg.seq_len
+    warm = min(step + 1, cfg.batch_warmup_steps)
+    ramp = sum(micro_steps(s, cfg, per_micro) for s in range(warm)) * per_micro
+    return ramp + (step + 1 - warm) * cfg.total_batch_size

@@ -11,6 +11,7 @@ Everything in it is a tensor, number, string, list or dict, so it loads with wei
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,17 +57,17 @@ class TrainerState:
         rng: RngState,
         info: DistInfo,
         parallelism: str,
-        tokens_per_step: int,
+        tokens_seen: Callable[[int], int],
     ) -> None:
         self.loader, self.scaler, self.rng = loader, scaler, rng
-        self.info, self.parallelism, self.tokens_per_step = info, parallelism, tokens_per_step
+        self.info, self.parallelism, self.tokens_seen = info, parallelism, tokens_seen
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """The state after `step` optimizer steps; a collective (the RNG states are gathered)."""
         return {
             "format": STATE_FORMAT,
             "step": step,
-            "tokens_seen": step * self.tokens_per_step,
+            "tokens_seen": self.tokens_seen(step),
             "world_size": self.info.world_size,
             "parallelism": self.parallelism,
             "loader": self.loader.state_dict(),

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from gpt2.ops import attention_backends
+from gpt2.training.optim import MuonAdamW, optimizers_of
 
 
 @dataclass(frozen=True)
@@ -69,20 +70,22 @@ def forward_backward(
 
 
 def clip_gradients(
-    optimizer: torch.optim.Optimizer, max_norm: float, scaler: torch.amp.GradScaler | None = None
+    optimizer: torch.optim.Optimizer | MuonAdamW, max_norm: float, scaler: torch.amp.GradScaler | None = None
 ) -> Tensor:
     """Clip the global gradient norm to max_norm (0: no clipping); returns the norm before clipping.
     Under FSDP the parameters are DTensors and the norm is the global one."""
     if scaler is not None:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        for opt in optimizers_of(optimizer):
+            scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
 
 
-def apply_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+def apply_gradients(optimizer: torch.optim.Optimizer | MuonAdamW, scaler: torch.amp.GradScaler | None = None) -> None:
     """The optimizer update (through the GradScaler under fp16, which skips steps with inf gradients)."""
     if scaler is not None:
-        scaler.step(optimizer)
+        for opt in optimizers_of(optimizer):
+            scaler.step(opt)
         scaler.update()
     else:
         optimizer.step()
