@@ -59,6 +59,13 @@ def prepare(source: Path, out: Path) -> Path:
     return out
 
 
+def run_name(name: str) -> str:
+    """The run directory of a recipe or variant, in letters, digits, '.', '_' and '-' only (the device
+    tool brings back no other names): muon-short@muon_lr=6e-3,max_steps=150 becomes
+    muon-short__muon_lr-6e-3_max_steps-150."""
+    return name.replace("@", "__").replace("=", "-").replace(",", "_")
+
+
 def parse_recipe(name: str) -> tuple[Path, list[str]]:
     """RECIPE or RECIPE@key=value,key=value (a variant: the config with some settings changed)."""
     base, _, changes = name.partition("@")
@@ -85,14 +92,15 @@ def run(recipes: list[str], data: Path, out: Path, smoke: bool) -> None:
     for name in recipes:
         recipe, overrides = parse_recipe(name)
         args = [sys.executable, "-m", "gpt2", "train", "--config", str(recipe), "--data_root", str(data)]
-        args += ["--out_dir", str(out / name), *(smoke_overrides(recipe) if smoke else []), *overrides]
+        args += ["--out_dir", str(out / run_name(name)), *(smoke_overrides(recipe) if smoke else []), *overrides]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         t0 = time.perf_counter()
-        with open(out / f"{name}.log", "w") as log:
+        log_path = out / f"{run_name(name)}.log"
+        with open(log_path, "w") as log:
             code = subprocess.run(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        print(f"{name}: exit {code} in {time.perf_counter() - t0:.0f} s (log {out / f'{name}.log'})", flush=True)
+        print(f"{name}: exit {code} in {time.perf_counter() - t0:.0f} s (log {log_path})", flush=True)
         if code != 0:
-            print((out / f"{name}.log").read_text()[-3000:])
+            print(log_path.read_text()[-3000:])
             raise SystemExit(code)
 
 
@@ -206,6 +214,9 @@ def plot(curves: list[Curve], baseline: str, png: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     by_time.axvline(base.seconds[-1], color="gray", linestyle="--", linewidth=0.8)
+    low = min(min(c.val) for c in curves)
+    for ax in (by_tokens, by_time):  # the first evaluation (~11 nats) would flatten the rest
+        ax.set_ylim(low - 0.2, max(7.0, base.final + 1.0))
     device = base.env.get("device_name", "?")
     fig.suptitle(f"GPT-2 124M proxy speedrun (330 Gutenberg books, {device})", fontsize=11)
     fig.tight_layout()
@@ -232,7 +243,7 @@ def main() -> int:
     if args.action == "run":
         run(args.recipes, args.data, args.out, args.smoke)
         return 0
-    curves = [load_curve(args.out / name) for name in args.recipes]
+    curves = [load_curve(args.out / run_name(name)) for name in args.recipes]
     text = report(curves, args.baseline)
     print(text)
     if args.png is not None:
