@@ -12,6 +12,7 @@ the fsync helpers do nothing rather than fail the save.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,6 +42,15 @@ def fsync_tree(directory: Path) -> None:
         if p.is_file():
             fsync_path(p)
     fsync_path(directory)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file, read in 4 MB blocks (constant memory for any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def current_umask() -> int:

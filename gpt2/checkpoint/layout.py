@@ -27,13 +27,12 @@ Checkpoints written before checkpoint.json existed are checked for their files o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from gpt2.fileio import atomic_write_json, remove_dir
+from gpt2.fileio import atomic_write_json, remove_dir, sha256_file
 
 CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG = "train_config.json"
@@ -146,14 +145,6 @@ def seal_checkpoint(directory: Path) -> None:
         if path.is_file() and path.name != MANIFEST and not path.name.endswith(".tmp"):
             files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     atomic_write_json(Path(directory) / MANIFEST, {"format": MANIFEST_FORMAT, "files": files})
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_manifest(ckpt: Path) -> dict[str, dict] | None:

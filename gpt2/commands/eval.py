@@ -82,10 +82,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size = args.batch_size or (32 if device.type == "cuda" else 4)
         is_main = rank == 0
         t0 = time.perf_counter()
-        if args.task == "hellaswag":
-            metrics = _hellaswag(args, model, batch_size, device, autocast_dtype, rank, world_size, is_main)
-        elif args.task == "lambada":
-            metrics = _lambada(args, model, batch_size, device, autocast_dtype, rank, world_size, is_main)
+        if args.task in ("hellaswag", "lambada"):
+            metrics = _choice_task(args, model, batch_size, device, autocast_dtype, rank, world_size, is_main)
         else:
             metrics = _loss(args, model, raw.config.block_size, batch_size, autocast_dtype, rank, world_size, device)
         if device.type == "cuda":
@@ -142,34 +140,19 @@ def _progress(is_main: bool, desc: str):
     return update, bar
 
 
-def _hellaswag(args, model, batch_size, device, autocast_dtype, rank, world_size, is_main) -> dict:
-    from gpt2.evaluation import evaluate_hellaswag, load_hellaswag
+def _choice_task(args, model, batch_size, device, autocast_dtype, rank, world_size, is_main) -> dict:
+    """HellaSwag or LAMBADA: load the examples, score them with a progress bar on rank 0."""
+    from gpt2 import evaluation
 
-    examples = load_hellaswag(args.data)[: args.limit]
-    update, bar = _progress(is_main, "hellaswag")
+    load, evaluate = {
+        "hellaswag": (evaluation.load_hellaswag, evaluation.evaluate_hellaswag),
+        "lambada": (evaluation.load_lambada, evaluation.evaluate_lambada),
+    }[args.task]
+    extra = {"prompt": args.prompt} if args.task == "hellaswag" else {}
+    examples = load(args.data)[: args.limit]
+    update, bar = _progress(is_main, args.task)
     try:
-        return evaluate_hellaswag(
-            model,
-            examples,
-            batch_size=batch_size,
-            device=device,
-            autocast_dtype=autocast_dtype,
-            rank=rank,
-            world_size=world_size,
-            prompt=args.prompt,
-            progress=update,
-        )
-    finally:
-        bar.close()
-
-
-def _lambada(args, model, batch_size, device, autocast_dtype, rank, world_size, is_main) -> dict:
-    from gpt2.evaluation import evaluate_lambada, load_lambada
-
-    examples = load_lambada(args.data)[: args.limit]
-    update, bar = _progress(is_main, "lambada")
-    try:
-        return evaluate_lambada(
+        return evaluate(
             model,
             examples,
             batch_size=batch_size,
@@ -178,6 +161,7 @@ def _lambada(args, model, batch_size, device, autocast_dtype, rank, world_size, 
             rank=rank,
             world_size=world_size,
             progress=update,
+            **extra,
         )
     finally:
         bar.close()

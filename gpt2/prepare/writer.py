@@ -3,7 +3,6 @@ shard and the input position after it), and the checks that decide whether to re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from gpt2.data import HEADER_BYTES, read_shard_header, write_shard
-from gpt2.fileio import atomic_write_json
+from gpt2.fileio import atomic_write_json, sha256_file
 from gpt2.prepare.encode import Encoded
 from gpt2.tokenizer import EOT_ID, RANKS_SHA256, VOCAB_SIZE
 
@@ -44,14 +43,6 @@ def tokenizer_info() -> dict[str, Any]:
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     """Publish out_dir/manifest.json atomically (a reader sees the old or the new one, never half)."""
     atomic_write_json(out_dir / MANIFEST, manifest, sort_keys=True)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Writer:
@@ -212,7 +203,7 @@ def verified_prefix(out_dir: Path, records: list[dict]) -> list[dict]:
             header = read_shard_header(path)
         except (ValueError, FileNotFoundError):
             break
-        if header.num_tokens != r["tokens"] or header.header_bytes != HEADER_BYTES or _sha256_file(path) != r["sha256"]:
+        if header.num_tokens != r["tokens"] or header.header_bytes != HEADER_BYTES or sha256_file(path) != r["sha256"]:
             break
         good.append(r)
     return good
