@@ -332,3 +332,32 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
     assert f"the previous checkpoint {run / 'checkpoints' / 'step_00000002'} is intact" in err
     assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002"]
     GPT.from_pretrained(run)
+
+
+def test_a_stalled_run_is_announced_before_the_collective_timeout():
+    """No step for longer than the idle limit: one note on rank 0 naming the timeout (not silence)."""
+    import io
+    import time
+
+    from gpt2.metrics import RunLogger
+    from gpt2.training.shell import StallWatch
+
+    out = io.StringIO()
+    log = RunLogger(None, stream=out)
+    with StallWatch(log, timeout_s=600, min_idle_s=0.2, poll_s=0.02):
+        time.sleep(0.6)
+    text = out.getvalue()
+    assert text.count("a rank may have stalled or died") == 1 and "600 s into a collective" in text
+
+
+def test_bad_json_files_are_named_in_one_line(tmp_path, capsys):
+    GPT(GPTConfig.from_name("tiny")).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text('{"n_layer": ')
+    assert cli_main(["generate", "--model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / 'm' / 'config.json'} is not valid JSON" in err and "\n" not in err
+    GPT(GPTConfig.from_name("tiny")).save_pretrained(tmp_path / "good")
+    (tmp_path / "h.jsonl").write_text('{"ctx": "a", "endings": ["b"] "label": 0}\n')
+    assert cli_main(["eval", "hellaswag", "--model", str(tmp_path / "good"), "--data", str(tmp_path / "h.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "h.jsonl:1: not valid JSON: Expecting ',' delimiter (column" in err and "at at" not in err
