@@ -9,6 +9,8 @@ process group, so callers need no `if distributed` of their own.
 
 from __future__ import annotations
 
+import gc
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -72,6 +74,7 @@ def init_distributed(env: Mapping[str, str], device: str = "auto", *, timeout_s:
     else:
         backend = "gloo"
     if not dist.is_initialized():
+        _import_world_capturing_modules()  # before the group exists: see destroy_distributed
         # device_id binds NCCL's communicator to this GPU eagerly (no guessing by the first collective).
         kwargs = {"device_id": base} if backend == "nccl" else {}
         if timeout_s is not None:
@@ -81,9 +84,52 @@ def init_distributed(env: Mapping[str, str], device: str = "auto", *, timeout_s:
 
 
 def destroy_distributed() -> None:
-    """Tear down the process group if one is running (safe to call always)."""
+    """Tear down the process group if one is running (safe to call always), for good: the last
+    reference to the group goes here, so its backend's threads are joined now, not left running
+    while the interpreter exits.
+
+    That matters for gloo: its worker threads release each finished collective's tensors, and
+    releasing a tensor Python also holds takes the GIL (torch's PyObject preservation). A worker
+    that asks for the GIL while the interpreter finalizes is made to exit by CPython
+    (pthread_exit), unwinding through a noexcept C++ destructor (ProcessGroupGloo::AsyncWork):
+    std::terminate, "terminate called without an active exception", SIGABRT after a finished run
+    (torchrun then exits 1). dist.destroy_process_group only drops torch's registry of groups;
+    the group object (and its threads) lives on while anything else holds it. Freed from Python,
+    its destructor releases the GIL and joins the threads cleanly. In torch 2.13 three things keep
+    it: torch.distributed.nn's default arguments (see _import_world_capturing_modules), garbage
+    cycles not yet collected (an FSDP-sharded model and its optimizer: FSDP's state holds the
+    group), and the DeviceMesh that DTensor's caches keep alive (see _release_device_meshes).
+    """
     if is_distributed():
+        # Cycles first, while torch's registry still holds the group (so its destructor, which joins
+        # threads, runs below, in destroy_process_group, and not inside the collection).
+        gc.collect()
+        _release_device_meshes()
         dist.destroy_process_group()
+
+
+def _import_world_capturing_modules() -> None:
+    """Import torch.distributed.nn now, before init_process_group: its collectives take
+    `group=group.WORLD` as a default argument, evaluated at import. Imported later (DDP's
+    constructor does, through torch._dynamo), those defaults hold the default group for the rest
+    of the process, past destroy_process_group; imported first, they hold None (the default)."""
+    import torch.distributed.nn  # noqa: F401
+
+
+def _release_device_meshes() -> None:
+    """Drop every DeviceMesh's references to its process groups (a no-op unless FSDP/DTensor ran).
+
+    A mesh holds its groups in `_pg_registry`, and DTensor's sharding and redistribution caches
+    (Python lru_caches and a C++ fast-path cache, never cleared by torch) keep every mesh that was
+    used alive; emptying the registries frees the groups whoever holds the meshes. A mesh is
+    unusable after destroy_process_group anyway; without a registry it resolves groups by name."""
+    if "torch.distributed.device_mesh" not in sys.modules:
+        return
+    from torch.distributed.device_mesh import DeviceMesh
+
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
 
 
 def collective_device(device: torch.device | None = None) -> torch.device:

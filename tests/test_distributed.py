@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,60 @@ def test_two_process_gloo_ddp_equals_one_process_with_accumulation(tmp_path):
         np.testing.assert_allclose([resumed[s] for s in range(4, 8)], [one[s] for s in range(4, 8)], rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+# Run under torchrun by the test below: one DDP or FSDP step, then destroy_distributed, then a
+# look at the threads left in this process.
+TEARDOWN_SCRIPT = """
+import os, sys, torch
+from gpt2 import GPT, GPTConfig
+from gpt2.distributed import all_reduce_sum, destroy_distributed, init_distributed
+
+def gloo_threads():
+    names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    return sorted(n for n in names if "gloo" in n)
+
+def train_step(parallelism):  # its model, optimizer and graph are gone when it returns, as with train()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny"))
+    if parallelism == "fsdp":
+        from gpt2.fsdp import shard_model
+        wrapped = model = shard_model(model, mixed_precision=False, activation_checkpointing=False)
+    else:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randint(0, 64, (2, 16))
+    loss = wrapped(x, x)[1]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)  # under FSDP: DTensor ops, DTensor's caches
+    optimizer.step()
+    all_reduce_sum(loss.detach())
+
+init_distributed(os.environ, "cpu")
+train_step(sys.argv[1])
+if not gloo_threads():
+    print("gloo threads are not named here")
+    sys.exit(0)
+destroy_distributed()
+left = gloo_threads()
+sys.exit(f"gloo threads still running after destroy_distributed: {left}" if left else 0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_destroy_distributed_frees_the_gloo_group(tmp_path, parallelism):
+    """destroy_distributed leaves no gloo thread behind, after DDP or FSDP: one left running while
+    the interpreter exits can abort it, SIGABRT after a finished run (see destroy_distributed)."""
+    script = tmp_path / "teardown.py"
+    script.write_text(textwrap.dedent(TEARDOWN_SCRIPT))
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*args, str(script), parallelism], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if "gloo threads are not named here" in proc.stdout:
+        pytest.skip("this torch does not name gloo's threads")
 
 
 @pytest.mark.slow
