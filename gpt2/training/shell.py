@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,11 @@ from typing import Any
 import torch
 
 from gpt2.checkpoint.history import LOCK_FILE, RunLock
-from gpt2.distributed import destroy_distributed, init_distributed, on_main_rank
+from gpt2.distributed import DistInfo, destroy_distributed, init_distributed, on_main_rank
 from gpt2.metrics import RunLogger
 from gpt2.training.config import TrainingConfig
-from gpt2.training.loop import Trainer
-from gpt2.training.plan import plan_run
+from gpt2.training.loop import Trainer, TrainResult
+from gpt2.training.plan import RunPlan, plan_run
 
 
 class GracefulStop:
@@ -145,7 +146,7 @@ def main(cfg: TrainingConfig, env: Mapping[str, str], *, stream: Any = None) -> 
     configure_process(info.device)
     cfg = plan.config
     created = not plan.run_dir.exists()
-    lock, log, started = RunLock(plan.run_dir), None, False
+    lock, log, finished = RunLock(plan.run_dir), None, False
     try:
         on_main_rank(lock.acquire, f"lock {plan.run_dir}")
         log = RunLogger(
@@ -160,23 +161,33 @@ def main(cfg: TrainingConfig, env: Mapping[str, str], *, stream: Any = None) -> 
             config=cfg.to_dict(),
         )
         with GracefulStop(notify=log.info) as stop:
-            trainer = Trainer(plan, info, log, stop)
-            started = True
-            watch = StallWatch(log, cfg.dist_timeout_s) if info.world_size > 1 else contextlib.nullcontext()
-            with watch:
-                result = trainer.train()
+            result = _train(plan, info, log, stop)
+        finished = True
         if result.stopped_by is not None:
             return 128 + int(result.stopped_by)
         if info.is_main:
             _report(log, result, plan.run_dir, cfg)
         return 0
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)  # the failed Trainer's locals, so the group can be freed
+        raise
     finally:
         if log is not None:
             log.close()
         lock.release()
-        if info.is_main and created and not started:
+        if info.is_main and created and not finished:
             _remove_if_only_lock(plan.run_dir)
+        # After _train returned: nothing holds the model, DDP or the optimizer any more, so the
+        # process group (and gloo's threads) is really freed here (see destroy_distributed).
         destroy_distributed()
+
+
+def _train(plan: RunPlan, info: DistInfo, log: RunLogger, stop: GracefulStop) -> TrainResult:
+    """Build the Trainer and run it; the Trainer (model, optimizer, DDP wrapper) dies with this frame."""
+    trainer = Trainer(plan, info, log, stop)
+    watch = StallWatch(log, plan.config.dist_timeout_s) if info.world_size > 1 else contextlib.nullcontext()
+    with watch:
+        return trainer.train()
 
 
 def _remove_if_only_lock(run_dir: Path) -> None:
