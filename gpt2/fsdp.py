@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
@@ -50,7 +49,7 @@ from gpt2.checkpoint.sharded import (
     untie,
 )
 from gpt2.config import GPTConfig
-from gpt2.distributed import get_rank, is_distributed, on_main_rank
+from gpt2.distributed import get_rank, get_world_size, is_distributed, on_main_rank
 from gpt2.fileio import atomic_write, atomic_write_json, publish_dir
 from gpt2.hf import config_to_hf
 from gpt2.model import GPT, unwrap_model
@@ -96,13 +95,13 @@ def shard_model(
     activation_checkpointing=True keeps only each Block's input in forward and recomputes the rest
     in backward: about a third more compute for activation memory of one Block instead of all.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         raise ValueError("shard_model needs a process group: launch with torchrun (even --nproc_per_node=1)")
     if not isinstance(model, GPT):
         raise ValueError(f"shard_model takes the plain GPT (not compiled or DDP-wrapped), got {type(model).__name__}")
     device = model.transformer.wte.weight.device
     if mesh is None:
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mesh = init_device_mesh(device.type, (get_world_size(),))
     policy = mixed_precision_policy(device.type, mixed_precision)
     blocks = model.transformer.h
     for i in range(len(blocks)):
