@@ -35,14 +35,19 @@ def build_service(model: GPT, model_id: str, config: ServeConfig) -> Service:
     graph = device.type == "cuda" if config.cuda_graph is None else config.cuda_graph
     if graph and device.type != "cuda":
         raise ValueError("CUDA graphs need a CUDA device")
-    decoder = BatchDecoder(model.eval(), config.max_batch, cuda_graph=graph, compile=config.compile)
+    decoder = BatchDecoder(
+        model.eval(),
+        config.max_batch,
+        cuda_graph=graph,
+        compile=config.compile,
+        max_prefill_tokens=config.max_prefill_tokens,
+    )
     holder: list[Service] = []
     engine = Engine(
         decoder,
         lambda outputs: holder[0].on_outputs(outputs),
         eos_id=EOT_ID,
         max_queue=config.max_queue,
-        max_prefill_tokens=config.max_prefill_tokens,
         batch_invariant=config.batch_invariant,
     )
     holder.append(Service(engine, model_id, model.config.block_size, model.config.vocab_size))
@@ -55,7 +60,7 @@ def warm_up(service: Service) -> dict[str, float]:
     engine, times = service.engine, {}
     t0 = time.perf_counter()
     block = service.block_size
-    prompt = [EOT_ID] * min(8, block - 4)
+    prompt = [min(EOT_ID, service.vocab_size - 1)] * min(8, block - 4)  # a small test vocabulary has no EOT_ID
     warm = [
         Request(prompt, 4),
         Request(prompt, 4, temperature=1.0, seed=1),
