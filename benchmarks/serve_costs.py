@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt2 import GPT, GPTConfig  # noqa: E402
+from gpt2.commands.serve import tune_process  # noqa: E402
 from gpt2.serve import app as app_module  # noqa: E402
 from gpt2.serve import engine as engine_module  # noqa: E402
 from gpt2.serve import stream as stream_module  # noqa: E402
@@ -229,6 +230,7 @@ def main() -> int:
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--no-tune", action="store_true", help="skip gpt2 serve's process settings (GIL interval, gc)")
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -238,6 +240,8 @@ def main() -> int:
     service = build_service(GPT(config).eval(), "bench", ServeConfig(max_batch=args.max_batch))
     warm_up(service)
     instrument(service)
+    if not args.no_tune:
+        tune_process()
     levels = []
     with ServerThread(service) as url:
         port = int(url.rsplit(":", 1)[1])
