@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -38,6 +39,7 @@ from gpt2.commands.serve import tune_process  # noqa: E402
 from gpt2.serve import app as app_module  # noqa: E402
 from gpt2.serve import engine as engine_module  # noqa: E402
 from gpt2.serve import stream as stream_module  # noqa: E402
+from gpt2.serve.process import ModelSpec, build_process_service  # noqa: E402
 from gpt2.serve.server import ServeConfig, ServerThread, build_service, warm_up  # noqa: E402
 
 COSTS: dict[str, float] = defaultdict(float)  # part -> CPU seconds, exclusive of the parts inside it
@@ -68,15 +70,19 @@ def timed(owner, name: str, part: str) -> None:
 
 
 def instrument(service) -> None:
-    """Time the parts; every name here exists in the engine / app / stream modules."""
-    decoder = service.engine.decoder
-    timed(decoder, "prefill", "model: prefill")
-    timed(decoder, "step", "model: decode step")
-    E = engine_module.Engine
-    for name in ("_admit", "_launch_decode", "_collect", "_apply_cancels"):
-        if hasattr(E, name):
-            timed(E, name, f"engine: {name.strip('_')}")
-    timed(service, "on_outputs", "bridge: on_outputs (engine thread)")
+    """Time the parts; every name here exists in the engine / app / stream modules (the engine's
+    parts only when it runs in this process)."""
+    if isinstance(service.engine, engine_module.Engine):
+        decoder = service.engine.decoder
+        timed(decoder, "prefill", "model: prefill")
+        timed(decoder, "step", "model: decode step")
+        E = engine_module.Engine
+        for name in ("_admit", "_launch_decode", "_collect", "_apply_cancels"):
+            if hasattr(E, name):
+                timed(E, name, f"engine: {name.strip('_')}")
+        timed(service, "on_outputs", "bridge: on_outputs (engine thread)")
+    else:
+        timed(service, "on_outputs", "bridge: reader thread -> on_outputs (HTTP process)")
     timed(app_module, "_dispatch", "bridge: dispatch to request queues (loop)")
     C = stream_module.Completion
     timed(C, "_apply", "stream: outputs -> text -> SSE events")
@@ -88,6 +94,25 @@ def thread_cpu(tid: int) -> float:
     """CPU seconds of a thread of this process so far (schedstat: ns on CPU)."""
     with open(f"/proc/self/task/{tid}/schedstat") as f:
         return int(f.read().split()[0]) / 1e9
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of another process so far (all its threads)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that just ended
+    return total / 1e9
+
+
+def engine_cpu(service) -> float:
+    """CPU seconds of the engine so far: its thread here, or its whole process."""
+    engine = service.engine
+    if isinstance(engine, engine_module.Engine):
+        return thread_cpu(engine._thread.native_id)
+    return process_cpu(engine._process.pid) + thread_cpu(engine._reader.native_id)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,7 +171,6 @@ def pct(xs: list[float], q: int) -> float:
 
 
 def run_level(service, port: int, clients: int, args) -> dict:
-    engine_tid = service.engine._thread.native_id
     loop_tid = next(t.native_id for t in threading.enumerate() if t.name == "gpt2-serve-http")
     COSTS.clear()
     ctx = mp.get_context("spawn")
@@ -156,15 +180,16 @@ def run_level(service, port: int, clients: int, args) -> dict:
     proc.start()
     while time.time() < t0:
         time.sleep(0.01)
-    cpu0 = {"engine": thread_cpu(engine_tid), "loop": thread_cpu(loop_tid)}
-    steps0, tokens0 = service.engine.steps, service.engine.tokens
+    cpu0 = {"engine": engine_cpu(service), "loop": thread_cpu(loop_tid)}
+    steps0, tokens0 = service.engine.stats()["steps"], service.engine.stats()["tokens"]
     wall0 = time.perf_counter()
     records = results.get()
     wall = time.perf_counter() - wall0
     proc.join()
-    cpu = {"engine": thread_cpu(engine_tid) - cpu0["engine"], "loop": thread_cpu(loop_tid) - cpu0["loop"]}
-    tokens = service.engine.tokens - tokens0
-    steps = service.engine.steps - steps0
+    time.sleep(0.05)  # the last step's counters
+    cpu = {"engine": engine_cpu(service) - cpu0["engine"], "loop": thread_cpu(loop_tid) - cpu0["loop"]}
+    tokens = service.engine.stats()["tokens"] - tokens0
+    steps = service.engine.stats()["steps"] - steps0
     delivered = sum(len(r["times"]) for r in records)
     start = min(r["sent"] for r in records)
     end = max(r["times"][-1] for r in records if r["times"])
@@ -189,7 +214,7 @@ def run_level(service, port: int, clients: int, args) -> dict:
 def report(levels: list[dict]) -> str:
     """One column per level: microseconds of CPU per delivered token for every part."""
     parts = sorted({p for lv in levels for p in lv["costs"]})
-    engine_parts = [p for p in parts if p.startswith(("model", "engine", "bridge: on_outputs"))]
+    engine_parts = [p for p in parts if p.startswith(("model", "engine", "bridge: on_outputs", "bridge: reader"))]
     loop_parts = [p for p in parts if p not in engine_parts]
     cols = [f"{lv['clients']} clients" for lv in levels]
     lines = ["| us of CPU per token | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -206,7 +231,10 @@ def report(levels: list[dict]) -> str:
         "engine thread: rest (loop, waits, GIL)",
         [per_token(lv, lv["cpu"]["engine"] - sum(lv["costs"].get(p, 0.0) for p in engine_parts)) for lv in levels],
     )
-    row("**engine thread total**", [per_token(lv, lv["cpu"]["engine"]) for lv in levels])
+    row(
+        "**engine total** (its thread, or its process + the reader thread)",
+        [per_token(lv, lv["cpu"]["engine"]) for lv in levels],
+    )
     for p in loop_parts:
         row(p, [per_token(lv, lv["costs"].get(p, 0.0)) for lv in levels])
     row(
@@ -230,6 +258,7 @@ def main() -> int:
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--engine-process", action="store_true", help="the engine in its own process (gpt2 serve's default)")
     p.add_argument("--no-tune", action="store_true", help="skip gpt2 serve's process settings (GIL interval, gc)")
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = p.parse_args()
@@ -237,8 +266,14 @@ def main() -> int:
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     config = GPTConfig.from_name("tiny", vocab_size=args.vocab_size, block_size=args.block_size)
-    service = build_service(GPT(config).eval(), "bench", ServeConfig(max_batch=args.max_batch))
-    warm_up(service)
+    serve_config = ServeConfig(max_batch=args.max_batch)
+    tmp = tempfile.TemporaryDirectory()
+    if args.engine_process:
+        GPT(config).save_pretrained(Path(tmp.name))
+        service = build_process_service(ModelSpec(tmp.name, "cpu"), "bench", serve_config)
+    else:
+        service = build_service(GPT(config).eval(), "bench", serve_config)
+        warm_up(service)
     instrument(service)
     if not args.no_tune:
         tune_process()
