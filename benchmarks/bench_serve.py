@@ -57,21 +57,23 @@ TARGETS = "step B=1 <= 0.40 ms; 32 clients >= 30,000 tok/s, p50 TTFT <= 25 ms, p
 PRESETS = {
     "full": dict(
         concurrency="1,8,32,128",
+        compare_thread="32",
         requests_per_client=2,
         new_tokens=256,
         step_batches="1,32",
         hf_batches="1,16",
         generate_lengths="16,256",
-        budgets=dict(load=120, step=30, hf=40, generate=70),
+        budgets=dict(load=140, step=25, hf=35, generate=60),
     ),
     "quick": dict(
         concurrency="1,32",
+        compare_thread="32",
         requests_per_client=1,
         new_tokens=128,
         step_batches="1,32",
         hf_batches="1",
         generate_lengths="16",
-        budgets=dict(load=45, step=15, hf=15, generate=35),
+        budgets=dict(load=50, step=10, hf=10, generate=20),
     ),
 }
 
@@ -90,6 +92,9 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=128)
     p.add_argument("--compile", action="store_true", help="pass --compile to the server and the step benchmark")
     p.add_argument("--client-processes", type=int, default=8)
+    p.add_argument(
+        "--compare-thread", default=None, help="levels also run with --engine-thread (preset: 32; empty: none)"
+    )
     p.add_argument("--step-batches", default=None)
     p.add_argument("--hf-batches", default=None, help="empty: skip transformers")
     p.add_argument("--generate-lengths", default=None, help="CUDA only; empty: skip")
@@ -151,44 +156,69 @@ def checkpoint(name: str, tmp: Path) -> Path:
 
 
 def load_test(args, model_dir: Path, device: torch.device, deadline: float) -> str:
+    """The levels against `gpt2 serve` as it runs by default (engine process), then --compare-thread's
+    levels against `gpt2 serve --engine-thread` (engine and HTTP in one process)."""
+    workers = args.client_processes
+    pool = mp.get_context("spawn").Pool(workers)
+    runs = [("process", [], args.concurrency)]
+    if args.compare_thread:
+        runs.append(("thread", ["--engine-thread"], args.compare_thread))
+    rows, notes = [], []
+    try:
+        pool.map_async(time.sleep, [0.2] * 2 * workers, chunksize=1)  # workers spawn while the server starts
+        for engine, flags, levels in runs:
+            if time.perf_counter() > deadline:
+                notes.append(f"engine {engine}: skipped (section budget)")
+                continue
+            try:
+                startup, more, skipped = serve_levels(args, model_dir, flags, levels, pool, deadline)
+            except Exception as e:  # one mode failing must not lose the other
+                notes.append(f"engine {engine}: failed: {type(e).__name__}: {str(e)[-2000:]}")
+                continue
+            rows += [[engine, *row] for row in more]
+            notes.append(
+                f"engine {engine}: {startup}" + (f"; skipped (section budget): {skipped} clients" if skipped else "")
+            )
+    finally:
+        pool.terminate()
+    headers = ["engine", "clients", "requests", "new tokens", "tok/s", "TTFT p50 ms", "p90", "p99", "ITL p50 ms"]
+    headers += ["p90", "p99", "GPU peak GiB"]
+    return "Load:\n\n" + table(headers, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def serve_levels(args, model_dir: Path, flags: list[str], levels: str, pool, deadline: float):
+    """Start `gpt2 serve` (with flags), run each level; (start-up line, rows, levels skipped)."""
     port = free_port()
     cmd = [sys.executable, "-m", "gpt2", "serve", "--model", str(model_dir), "--served-model-name", "bench"]
     cmd += ["--port", str(port), "--max-batch", str(args.max_batch), "--device", args.device, "--dtype", args.dtype]
-    cmd += ["--compile"] if args.compile else []
+    cmd += (["--compile"] if args.compile else []) + flags
     log = open(Path(tempfile.gettempdir()) / f"bench_serve_{port}.log", "w+")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     rows, skipped = [], []
-    workers = args.client_processes
-    pool = mp.get_context("spawn").Pool(workers)
     try:
-        pool.map(time.sleep, [0.2] * 2 * workers, chunksize=1)  # every worker up (spawned, imports done) meanwhile
         wait_for_server(url, server, log, timeout=max(1.0, deadline - time.perf_counter()))
         log.seek(0)
         startup = next((line.strip() for line in log if line.startswith("gpt2 serve:")), "")
         print(f"  {startup}", flush=True)
-        for clients in [int(c) for c in args.concurrency.split(",")]:
+        for clients in [int(c) for c in levels.split(",")]:
             if time.perf_counter() > deadline:
                 skipped.append(clients)
                 continue
             rows.append(run_level(args, url, clients, pool, deadline))
             print(
-                f"  {clients} clients: {rows[-1][3]} tok/s, TTFT p50 {rows[-1][4]} ms, ITL p99 {rows[-1][9]} ms",
+                f"  {' '.join(flags) or 'default'}: {clients} clients: {rows[-1][3]} tok/s, "
+                f"TTFT p50 {rows[-1][4]} ms, ITL p99 {rows[-1][9]} ms",
                 flush=True,
             )
     finally:
-        pool.terminate()
         server.terminate()
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-    log.seek(0)
-    startup = next((line.strip() for line in log if line.startswith("gpt2 serve:")), "")
-    headers = ["clients", "requests", "new tokens", "tok/s", "TTFT p50 ms", "p90", "p99", "ITL p50 ms", "p90", "p99"]
-    note = f"\n\nskipped (section budget): {skipped} clients" if skipped else ""
-    return f"Load ({startup}):\n\n" + table(headers + ["GPU peak GiB"], rows) + note
+    return startup, rows, skipped
 
 
 def wait_for_server(url: str, server: subprocess.Popen, log, timeout: float) -> None:
