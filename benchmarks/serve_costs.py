@@ -35,11 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt2 import GPT, GPTConfig  # noqa: E402
-from gpt2.commands.serve import tune_process  # noqa: E402
 from gpt2.serve import app as app_module  # noqa: E402
 from gpt2.serve import engine as engine_module  # noqa: E402
 from gpt2.serve import stream as stream_module  # noqa: E402
-from gpt2.serve.process import ModelSpec, build_process_service  # noqa: E402
 from gpt2.serve.server import ServeConfig, ServerThread, build_service, warm_up  # noqa: E402
 
 COSTS: dict[str, float] = defaultdict(float)  # part -> CPU seconds, exclusive of the parts inside it
@@ -269,6 +267,8 @@ def main() -> int:
     serve_config = ServeConfig(max_batch=args.max_batch)
     tmp = tempfile.TemporaryDirectory()
     if args.engine_process:
+        from gpt2.serve.process import ModelSpec, build_process_service
+
         GPT(config).save_pretrained(Path(tmp.name))
         service = build_process_service(ModelSpec(tmp.name, "cpu"), "bench", serve_config)
     else:
@@ -276,6 +276,8 @@ def main() -> int:
         warm_up(service)
     instrument(service)
     if not args.no_tune:
+        from gpt2.commands.serve import tune_process
+
         tune_process()
     levels = []
     with ServerThread(service) as url:

@@ -195,7 +195,7 @@ def _child_main(spec: ModelSpec, config: dict, commands, outputs) -> None:
         t0 = time.perf_counter()
         torch.set_grad_enabled(False)
         device = pick_device(spec.device)
-        if device.type == "cuda":
+        if device.type == "cuda" and device.index is not None:  # "cuda" alone: the current device
             torch.cuda.set_device(device)
         model = GPT.from_pretrained(spec.model, device=device, dtype=compute_dtype(spec.dtype, device)).eval()
         load_s = time.perf_counter() - t0

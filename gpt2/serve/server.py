@@ -104,7 +104,9 @@ class ServerThread:
         import uvicorn
 
         self.port = port or free_port()
-        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(
+            create_app(service), host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="gpt2-serve-http", daemon=True)
 
