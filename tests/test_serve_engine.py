@@ -270,3 +270,13 @@ def test_the_pipelined_order_cuda_uses_gives_the_same_answers(model):
     for o in outputs:
         tokens[id(o.request)] += o.tokens
     assert [tokens[id(r)] for r in requests] == sync[0]
+
+
+def test_no_step_slice_spans_a_whole_buffer(model):
+    """torch.compile guards on a slice that covers its whole buffer and compiles again for it: the
+    scratch slot and the spare column keep [:B] and [:L] short of every buffer's end."""
+    dec = BatchDecoder(model, 8, min_length_bucket=16)
+    assert all(
+        B < dec.state.pos.numel() and B < dec.out.numel() and B < dec.cache.k[0].size(0) for B in dec.batch_buckets
+    )
+    assert all(L < dec.cache.k[0].size(2) and L < dec.cache.columns.numel() for L in dec.length_buckets)

@@ -54,7 +54,9 @@ def bucket_for(n: int, sizes: list[int]) -> int:
 
 class SlotCache:
     """Keys and values of max_batch sequences, one slot each, plus a scratch slot (index max_batch):
-    (max_batch + 1, nh, S, hs) per layer.
+    (max_batch + 1, nh, S + 1, hs) per layer, S = block_size. Column S is spare, never read: with it
+    (and the scratch slot) no step's slice [:B] or [:L] spans a whole buffer, which torch.compile
+    would guard on and compile once more for.
 
     The model calls update(layer, k, v) and reads mask (see gpt2.attention.KVCache for the
     contract). In a decode pass k, v are (B, nh, 1, hs) and go to column cols[b] of slot b; the
@@ -64,12 +66,13 @@ class SlotCache:
 
     def __init__(self, model: GPT, max_batch: int, device: torch.device, dtype: torch.dtype) -> None:
         c = model.config
-        shape = (max_batch + 1, c.n_head, c.block_size, c.head_dim)
+        shape = (max_batch + 1, c.n_head, c.block_size + 1, c.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
         self.scratch = max_batch  # the slot padded prefill rows write to; no sequence reads it
+        self.block_size = c.block_size  # S: positions 0..S-1
         self.slot_ids = torch.arange(max_batch + 1, device=device)  # (max_batch + 1,) 0, 1, 2, ...
-        self.columns = torch.arange(c.block_size, device=device)  # (S,) 0, 1, 2, ...
+        self.columns = torch.arange(c.block_size + 1, device=device)  # (S + 1,) 0, 1, 2, ...
         self.zero = torch.zeros((), dtype=dtype, device=device)  # the additive mask's two values
         self.neg_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
         self.rows: Tensor | None = None  # (B,) slots of this pass
@@ -91,17 +94,18 @@ class SlotCache:
 
 
 class DecodeState:
-    """The per-slot buffers a decode step reads and updates in place, all (max_batch,)."""
+    """The per-slot buffers a decode step reads and updates in place, all (rows,): one per cache
+    slot, the scratch slot included."""
 
-    def __init__(self, max_batch: int, device: torch.device) -> None:
+    def __init__(self, rows: int, device: torch.device) -> None:
         long = dict(dtype=torch.long, device=device)
-        self.token = torch.zeros(max_batch, **long)  # input token of the next step
-        self.pos = torch.zeros(max_batch, **long)  # its position = its cache column
-        self.index = torch.zeros(max_batch, **long)  # tokens generated so far (the RNG counter)
-        self.seed = torch.zeros(max_batch, **long)
-        self.temperature = torch.zeros(max_batch, dtype=torch.float32, device=device)
-        self.top_k = torch.zeros(max_batch, **long)
-        self.top_p = torch.ones(max_batch, dtype=torch.float32, device=device)
+        self.token = torch.zeros(rows, **long)  # input token of the next step
+        self.pos = torch.zeros(rows, **long)  # its position = its cache column
+        self.index = torch.zeros(rows, **long)  # tokens generated so far (the RNG counter)
+        self.seed = torch.zeros(rows, **long)
+        self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(rows, **long)
+        self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
 
     def write(self, slots: Tensor, **values: Tensor) -> None:
         """Set fields at slots (n,) (on the device) from host tensors (n,), in stream order: no
@@ -134,7 +138,7 @@ def decode_step(model: GPT, cache: SlotCache, state: DecodeState, out: Tensor, B
     nxt = sample_rows(logits, s.temperature[:B], s.top_k[:B], s.top_p[:B], s.seed[:B], s.index[:B], mode)
     out[:B].copy_(nxt)
     s.token[:B].copy_(nxt)
-    s.pos[:B].add_(1).clamp_(max=cache.k[0].size(2) - 1)  # a dead row never runs off the cache
+    s.pos[:B].add_(1).clamp_(max=cache.block_size - 1)  # a dead row never runs off the positions
     s.index[:B].add_(1)
     return logits
 
@@ -164,8 +168,8 @@ class BatchDecoder:
         self.max_batch = max_batch
         self.block_size = model.config.block_size
         self.cache = SlotCache(model, max_batch, self.device, self.dtype)
-        self.state = DecodeState(max_batch, self.device)
-        self.out = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # (max_batch,) last step's tokens
+        self.state = DecodeState(max_batch + 1, self.device)
+        self.out = torch.zeros(max_batch + 1, dtype=torch.long, device=self.device)  # last step's tokens
         self.logits = torch.zeros(max_batch, model.config.vocab_size, dtype=self.dtype, device=self.device)
         self.batch_buckets = buckets(max_batch)
         self.length_buckets = buckets(self.block_size, start=min(min_length_bucket, self.block_size))
