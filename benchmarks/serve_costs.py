@@ -1,11 +1,13 @@
 """Where a served token's host time goes: CPU time per delivered token of each part of `gpt2 serve`.
 
-The server runs in this process (engine thread + uvicorn's event loop thread, as `gpt2 serve`
-runs them) on a CPU; N streaming clients run in a child process on raw sockets (cheap, so the
-client is not the bottleneck). Each part is timed with its thread's CPU clock by wrapping the
+The server runs in this process on a CPU (engine thread + uvicorn's event loop thread, as
+`gpt2 serve --engine-thread` runs them; --engine-process: the engine in a child process, as
+`gpt2 serve` runs it by default); N streaming clients run in a child process on raw sockets (cheap,
+so the client is not the bottleneck). Each part is timed with its thread's CPU clock by wrapping the
 functions that do it; the rest of each thread's CPU time (read from /proc) is uvicorn, asyncio,
 Starlette and the GIL hand-offs. Divided by the tokens delivered: microseconds of host CPU per
-token, which is what limits a GPU server once its decode step is a single graph launch.
+token, which is what limits a GPU server once its decode step is a single graph launch. The table
+and what it showed are in benchmarks/NOTES.md.
 
 The default model is the tiny preset with a 512-token vocabulary and a 512-token context: its
 decode step on one CPU core (~1-2 ms) is close to GPT-2 124M's on an H200 (0.65-1.0 ms), so the
