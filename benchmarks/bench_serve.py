@@ -63,7 +63,7 @@ PRESETS = {
         step_batches="1,32",
         hf_batches="1,16",
         generate_lengths="16,256",
-        budgets=dict(load=140, step=25, hf=35, generate=60),
+        budgets=dict(load=120, step=20, hf=30, generate=50),
     ),
     "quick": dict(
         concurrency="1,32",

@@ -214,17 +214,20 @@ class Engine:
         with torch.no_grad():
             self._admit()
             if not self.asynchronous:  # the prefill has run: its first tokens go out before the step runs
+                self._collect_older(outputs, keep=0)
                 self._deliver(outputs)
                 outputs = []
             launched = self._launch_decode()
         # On CUDA keep one pass in flight: read back everything older than the pass just launched.
-        while len(self._pending) > (1 if launched and self.asynchronous else 0):
-            self._collect(self._pending.popleft(), outputs)
+        self._collect_older(outputs, keep=1 if launched and self.asynchronous else 0)
         self._deliver(outputs)
 
-    def _deliver(self, outputs: list[Output]) -> None:
-        while self._pending and not self.asynchronous:
+    def _collect_older(self, outputs: list[Output], keep: int) -> None:
+        """Collect the passes in flight, oldest first, until `keep` are left."""
+        while len(self._pending) > keep:
             self._collect(self._pending.popleft(), outputs)
+
+    def _deliver(self, outputs: list[Output]) -> None:
         if outputs:
             self.tokens += sum(len(o.tokens) for o in outputs)
             self.on_outputs(outputs)

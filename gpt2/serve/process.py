@@ -24,6 +24,7 @@ import gc
 import itertools
 import multiprocessing as mp
 import threading
+import time
 from dataclasses import asdict, dataclass
 
 from gpt2.serve.app import Service
@@ -59,9 +60,9 @@ class EngineProcess:
     device, dtype, warm-up times); start() starts delivering outputs to on_outputs."""
 
     def __init__(self, spec: ModelSpec, config: ServeConfig, on_outputs, timeout: float = 1800) -> None:
-        ctx = mp.get_context("spawn")
-        self._commands, child_commands = ctx.Pipe(duplex=False)[::-1]  # (send end here, receive end there)
-        child_outputs, self._outputs = ctx.Pipe(duplex=False)[::-1]
+        ctx = mp.get_context("spawn")  # CUDA starts fresh in the child
+        child_commands, self._commands = ctx.Pipe(duplex=False)  # (receiving end, sending end)
+        self._outputs, child_outputs = ctx.Pipe(duplex=False)
         self.on_outputs, self.config = on_outputs, config
         self._process = ctx.Process(
             target=_child_main, args=(spec, asdict(config), child_commands, child_outputs), daemon=True
@@ -69,20 +70,30 @@ class EngineProcess:
         self._process.start()
         child_commands.close()
         child_outputs.close()
-        if not self._outputs.poll(timeout):
-            self._process.kill()
-            raise RuntimeError(f"the engine process did not start within {timeout:.0f} s")
-        kind, info = self._outputs.recv()
-        if kind == "failed":
-            self._process.join(timeout=10)
-            raise RuntimeError(f"the engine process failed to start: {info}")
-        self.info: dict = info
+        self.info: dict = self._wait_until_ready(timeout)
         self._lock = threading.Lock()  # guards _seqs (loop thread: submit; reader thread: finishes)
         self._seqs: dict[int, Request] = {}  # unfinished sequences by id
         self._ids = itertools.count()
         self._stats = {"running": 0, "waiting": 0, "steps": 0, "tokens": 0}
         self._dead: str | None = None
         self._reader: threading.Thread | None = None
+
+    def _wait_until_ready(self, timeout: float) -> dict:
+        """The child's start-up report; a RuntimeError if it failed, died or took too long."""
+        deadline = time.monotonic() + timeout
+        while not self._outputs.poll(1.0):
+            if not self._process.is_alive() or time.monotonic() > deadline:
+                self._process.kill()
+                raise RuntimeError(f"the engine process did not start (exit code {self._process.exitcode})")
+        try:
+            kind, info = self._outputs.recv()
+        except EOFError:
+            self._process.join(timeout=10)
+            raise RuntimeError(f"the engine process exited at start-up (code {self._process.exitcode})") from None
+        if kind == "failed":
+            self._process.join(timeout=10)
+            raise RuntimeError(f"the engine process failed to start: {info}")
+        return info
 
     # --- the Engine's interface (called from the event loop) ---------------------------------------
 
@@ -184,8 +195,6 @@ def _child_main(spec: ModelSpec, config: dict, commands, outputs) -> None:
     """The engine process's entry point (its application shell): load, warm up, then run the
     engine until told to stop."""
     try:
-        import time
-
         import torch
 
         from gpt2.device import compute_dtype, pick_device
