@@ -148,8 +148,8 @@ class BatchDecoder:
 
     cuda_graph: capture every decode shape (batch bucket, length bucket, mode) and every prefill
     shape (rows bucket, prompt bucket, within max_prefill_tokens) at start-up (capture_all) and
-    replay them; compile: torch.compile the decode step first (dynamic shapes: one compilation
-    per mode).
+    replay them; compile: torch.compile the decode step first (dynamic shapes: two compilations
+    per mode, batch 1 and the rest).
     """
 
     def __init__(
