@@ -182,7 +182,13 @@ def load_test(args, model_dir: Path, device: torch.device, deadline: float) -> s
     finally:
         pool.terminate()
     headers = ["engine", "clients", "requests", "new tokens", "tok/s", "TTFT p50 ms", "p90", "p99", "ITL p50 ms"]
-    headers += ["p90", "p99", "GPU peak GiB"]
+    headers += ["p90", "p99", "tok/step", "host ms/step", "wait ms/step", "HTTP us/tok", "GPU peak GiB"]
+    legend = (
+        "tok/step: tokens per decode step; host ms/step: the engine thread's own work per step; wait ms/step: "
+        "its wait for the GPU per step (near 0: the engine, not the GPU, sets the pace); HTTP us/tok: CPU of "
+        "the HTTP process per token (with --engine-thread it includes the engine)"
+    )
+    notes.append(legend)
     return "Load:\n\n" + table(headers, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
@@ -244,6 +250,7 @@ def run_level(args, url: str, clients: int, pool, deadline: float) -> list:
 
     workers = min(clients, args.client_processes)
     plan = [list(range(w, clients, workers)) for w in range(workers)]
+    before = httpx.get(f"{url}/health").json()
     t0 = time.time() + 0.5  # all start at the same moment
     jobs = pool.starmap_async(client_worker, [(url, ids, args_dict(args), t0) for ids in plan])
     parts = jobs.get(timeout=max(5.0, deadline - time.perf_counter()))
@@ -252,7 +259,13 @@ def run_level(args, url: str, clients: int, pool, deadline: float) -> list:
     tokens = sum(len(r["times"]) for r in records)
     ttft = [(r["times"][0] - r["sent"]) * 1e3 for r in records if r["times"]]
     itl = [(b - a) * 1e3 for r in records for a, b in zip(r["times"], r["times"][1:])]
+    time.sleep(0.1)  # the counters of the last steps
     health = httpx.get(f"{url}/health").json()
+    d = {
+        k: health.get(k, 0) - before.get(k, 0)
+        for k in ("steps", "tokens", "engine_busy_s", "engine_wait_s", "http_cpu_s")
+    }
+    steps = max(1, d["steps"])
     return [
         clients,
         len(records),
@@ -260,6 +273,10 @@ def run_level(args, url: str, clients: int, pool, deadline: float) -> list:
         f"{tokens / (end - start):,.0f}",
         *pcts(ttft),
         *pcts(itl),
+        f"{d['tokens'] / steps:.1f}",
+        f"{(d['engine_busy_s'] - d['engine_wait_s']) / steps * 1e3:.3f}",
+        f"{d['engine_wait_s'] / steps * 1e3:.3f}",
+        f"{d['http_cpu_s'] / max(1, d['tokens']) * 1e6:.1f}",
         health.get("gpu_peak_gib", "-"),
     ]
 

@@ -88,7 +88,8 @@ def create_app(service: Service) -> Starlette:
         return HTMLResponse(page)
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": service.model_id, **service.engine.stats()})
+        stats = service.engine.stats()
+        return JSONResponse({"status": "ok", "model": service.model_id, **stats, "http_cpu_s": time.process_time()})
 
     async def models(request: Request) -> Response:
         card = {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "gpt2"}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,10 +101,6 @@ class _Pending:
     event: torch.cuda.Event | None = None
     first: bool = False  # a prefill pass: prompt logprobs go with its tokens
 
-    def wait(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-
 
 class Engine:
     """Continuous batching over a BatchDecoder; start() runs it in its own thread."""
@@ -141,6 +138,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps launched
         self.tokens = 0  # tokens delivered
+        self.busy_s = 0.0  # seconds the engine thread spent in step boundaries (waits included)
+        self.wait_s = 0.0  # of which waiting for the device: busy - wait is the host's own work
 
     # --- called from other threads -------------------------------------------------------------
 
@@ -168,6 +167,7 @@ class Engine:
     def stats(self) -> dict[str, float]:
         """Counts for /health; on CUDA also the peak memory allocated (GiB)."""
         out = {"running": len(self._live), "waiting": len(self._waiting), "steps": self.steps, "tokens": self.tokens}
+        out["engine_busy_s"], out["engine_wait_s"] = round(self.busy_s, 4), round(self.wait_s, 4)
         if self.device.type == "cuda":
             out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return out
@@ -202,10 +202,12 @@ class Engine:
                     self._lock.wait()
                 if self._stop:
                     return
+            t0 = time.perf_counter()
             try:
                 self.iterate()
             except Exception as e:  # a failed pass: fail what is running, keep serving
                 self._fail_all(f"{type(e).__name__}: {e}")
+            self.busy_s += time.perf_counter() - t0
 
     def iterate(self) -> None:
         """One step boundary: cancels, admissions (prefill), one decode step, deliveries."""
@@ -333,7 +335,10 @@ class Engine:
 
     def _collect(self, p: _Pending, outputs: list[Output]) -> None:
         """Hand a finished pass's tokens to their sequences; finish those that stop."""
-        p.wait()
+        if p.event is not None:
+            t0 = time.perf_counter()
+            p.event.synchronize()
+            self.wait_s += time.perf_counter() - t0
         tokens = p.tokens.tolist()
         for row, seq in p.seqs:
             if seq.done:

@@ -74,7 +74,7 @@ class EngineProcess:
         self._lock = threading.Lock()  # guards _seqs (loop thread: submit; reader thread: finishes)
         self._seqs: dict[int, Request] = {}  # unfinished sequences by id
         self._ids = itertools.count()
-        self._stats = {"running": 0, "waiting": 0, "steps": 0, "tokens": 0}
+        self._stats = self.info.pop("stats")  # the engine's counters as of its last message
         self._dead: str | None = None
         self._reader: threading.Thread | None = None
 
@@ -234,7 +234,7 @@ def _child_main(spec: ModelSpec, config: dict, commands, outputs) -> None:
         gc.freeze()
         live.set()
         engine.start()
-        outputs.send(("ready", info))
+        outputs.send(("ready", {**info, "stats": engine.stats()}))
     except Exception as e:  # tell the parent instead of leaving it waiting
         outputs.send(("failed", f"{type(e).__name__}: {e}"))
         return
