@@ -81,6 +81,18 @@ class GPT(nn.Module):
         return_logits=False with targets returns (None, loss), the loss computed chunk by chunk
         (gpt2.ops.linear_cross_entropy) so the (B, T, V) logits never exist: the training path.
         """
+        x = self.hidden_states(idx, positions=positions, cache=cache)  # (B, T, C)
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, idx: Tensor, *, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """idx (B, T) -> the final hidden states (B, T, C), after ln_f: what lm_head turns into
+        logits. Serving uses it to compute logits only at the positions it needs."""
         B, T = idx.size()
         if positions is None:
             if T > self.config.block_size:
@@ -94,14 +106,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cache)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-        if targets is not None and not return_logits:
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return self.transformer.ln_f(x)  # (B, T, C)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, **kwargs) -> Tensor:

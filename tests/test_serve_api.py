@@ -300,3 +300,12 @@ def test_internal_error_answers_500_and_the_server_recovers():
         assert error["type"] == "server_error" and "simulated device failure" in error["message"]
         assert service.engine.stats()["running"] == 0
         assert post(url, {"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_start_up_warms_the_http_path_without_running_the_engine():
+    service, thread = small_server(max_batch=2)
+    warm_up(service)
+    steps = service.engine.stats()["steps"]
+    with thread as url:
+        assert service.engine.stats()["steps"] == steps  # the in-process warm-up request never reached the engine
+        assert post(url, {"prompt": "hi", "max_tokens": 2}).status_code == 200

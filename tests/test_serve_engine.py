@@ -188,3 +188,95 @@ def test_buckets():
     assert buckets(32) == [1, 2, 4, 8, 16, 32]
     assert buckets(48) == [1, 2, 4, 8, 16, 32, 48]
     assert buckets(1024, start=64) == [64, 128, 256, 512, 1024]
+
+
+def test_hidden_states_are_what_the_lm_head_turns_into_logits(model):
+    idx = torch.randint(0, VOCAB, (2, 7))
+    logits, _ = model(idx)
+    torch.testing.assert_close(model.lm_head(model.hidden_states(idx)), logits, rtol=0, atol=0)
+
+
+def test_padded_prefill_gives_each_prompts_last_logits_and_spares_other_slots(model):
+    dec = BatchDecoder(model, 8, min_length_bucket=16, max_prefill_tokens=64)
+    assert dec.prefill_shape(3, 5) == (4, 16) and dec.prefill_fits(4, 16) and not dec.prefill_fits(8, 16)
+    assert all(R == 1 or R * T <= 64 for R, T in dec.prefill_shapes()) and (1, 64) in dec.prefill_shapes()
+    untouched = [k[5].clone() for k in dec.cache.k]
+    ps = prompts(3, seed=4, max_len=15)
+    last, hidden = dec.prefill([0, 2, 7], ps, hidden=True)  # padded to 4 rows: the fourth goes to the scratch slot
+    for i, p in enumerate(ps):
+        ref, _ = model(torch.tensor([p]))  # (1, T, V) alone, unpadded
+        torch.testing.assert_close(last[i], ref[0, -1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(dec.logits_of(hidden[i, : len(p)]), ref[0], rtol=0, atol=1e-5)
+    assert all(torch.equal(k[5], u) for k, u in zip(dec.cache.k, untouched))  # slot 5 is no newcomer's
+
+
+def test_admission_budget_counts_the_padded_shape(model):
+    engine, _ = make_engine(model, max_batch=8)
+    engine.decoder.max_prefill_tokens = 64  # rows bucket x prompt bucket <= 64
+    engine.submit([Request(p, 2) for p in ([1] * 20, [2] * 3, [3] * 3, [4] * 3)])
+    taken = engine._take_newcomers()
+    assert len(taken) == 2  # 2 rows x 32 columns fit; 3 rows pad to 4 x 32 = 128
+    assert len(engine._take_newcomers()) == 2
+
+
+def test_on_a_cpu_a_newcomers_first_token_goes_out_before_the_next_step(model):
+    engine, outputs = make_engine(model)
+    step = engine.decoder.step
+    seen_at_step = []
+    engine.decoder.step = lambda *a: (seen_at_step.append(sum(len(o.tokens) for o in outputs)), step(*a))[1]
+    engine.submit([Request([1, 2, 3], 5, stop_at_eos=False)])
+    engine.iterate()
+    assert seen_at_step == [1]  # the prefill's token was delivered when the decode step ran
+    assert sum(len(o.tokens) for o in outputs) == 2  # and the step's own token right after it
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_graphs_are_all_captured_at_start_up_and_equal_eager_on_gpu():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny", vocab_size=VOCAB)).cuda().eval()
+    requests = mixed_requests(12)
+    results = []
+    for graph in (False, True):
+        dec = BatchDecoder(model, 8, cuda_graph=graph, min_length_bucket=16, max_prefill_tokens=256)
+        n = dec.capture_all()
+        outputs = []
+        engine = Engine(dec, outputs.extend, eos_id=VOCAB - 1)
+        engine.submit(requests)
+        while not engine.idle:
+            engine.iterate()
+        assert len(dec.graphs) + len(dec.prefill_graphs) == n  # nothing captured while serving
+        tokens = {id(r): [] for r in requests}
+        for o in outputs:
+            tokens[id(o.request)] += o.tokens
+        results.append([tokens[id(r)] for r in requests])
+    assert results[0] == results[1]
+
+
+def test_the_pipelined_order_cuda_uses_gives_the_same_answers(model):
+    """On CUDA a pass's tokens are read one step later; run that order on the CPU (no events)."""
+    requests = mixed_requests(20, seed=7) + [Request([5], 0, prompt_logprobs=1)]
+    sync = run(model, requests, max_batch=8)
+    engine, outputs = make_engine(model, max_batch=8)
+    engine.asynchronous = True
+    engine.submit(requests)
+    while not engine.idle:
+        engine.iterate()
+        assert len(engine._pending) <= 1  # one pass in flight between boundaries
+    tokens = {id(r): [] for r in requests}
+    for o in outputs:
+        tokens[id(o.request)] += o.tokens
+    assert [tokens[id(r)] for r in requests] == sync[0]
+
+
+def test_no_step_slice_spans_a_whole_buffer(model):
+    """torch.compile guards on a slice that covers its whole buffer and compiles again for it: the
+    scratch slot and the spare column keep [:B] and [:L] short of every buffer's end."""
+    dec = BatchDecoder(model, 8, min_length_bucket=16)
+    assert all(
+        B < dec.state.pos.numel() and B < dec.out.numel() and B < dec.cache.k[0].size(0) for B in dec.batch_buckets
+    )
+    assert all(L < dec.cache.k[0].size(2) and L < dec.cache.columns.numel() for L in dec.length_buckets)

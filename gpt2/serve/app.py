@@ -1,10 +1,12 @@
 """The HTTP side: a Starlette app with OpenAI's /v1/completions, /v1/models, /health and the page.
 
 Handlers never touch the model. A request is checked (gpt2.serve.protocol), split into one engine
-sequence per (prompt, choice), queued, and then read from its own asyncio.Queue, which the engine
-thread fills through `Service.on_outputs` (one call_soon_threadsafe per engine step, not per
-token). Streaming answers are server-sent events, one `data:` event per token (several events
-may share one write when the client is behind), ending with `data: [DONE]`.
+sequence per (prompt, choice), queued, and then read from its own Mailbox, which the event loop
+fills from what the engine thread hands over through `Service.on_outputs`: the engine appends each
+step's outputs to a deque and wakes the loop only when no wake-up is pending, so a loop that is
+behind drains several steps at once, and each handler then writes all its new tokens in one go.
+Streaming answers are server-sent events, one `data:` event per token (several events share one
+write when the client is behind), ending with `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import random
 import secrets
 import time
+from collections import deque
 from importlib import resources
 
 from starlette.applications import Starlette
@@ -26,7 +29,8 @@ from starlette.routing import Route
 from gpt2.serve.engine import Engine, QueueFull
 from gpt2.serve.engine import Request as Sequence
 from gpt2.serve.protocol import APIError, CompletionParams, parse_completion
-from gpt2.serve.stream import Completion
+from gpt2.serve.stream import Completion, Mailbox
+from gpt2.serve.text import token_table
 from gpt2.tokenizer import Tokenizer
 
 
@@ -37,18 +41,33 @@ class Service:
         self.engine, self.model_id = engine, model_id
         self.block_size, self.vocab_size = block_size, vocab_size
         self.tok = Tokenizer()
+        self.table = token_table(vocab_size)
         self.created = int(time.time())
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._ready: deque[list] = deque()  # steps' outputs the loop has not taken yet
+        self._woken = False  # a drain is scheduled on the loop and has not started
 
     def on_outputs(self, outputs) -> None:
-        """Engine thread: hand one step's outputs to the event loop in one call."""
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(_dispatch, outputs)
+        """Engine thread: hand one step's outputs to the event loop; wake it only if no wake-up
+        is pending (the pending drain takes these too)."""
+        if self.loop is None:
+            return  # warm-up before serving: nobody is waiting
+        self._ready.append(outputs)
+        if not self._woken:
+            self._woken = True
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        """Event loop: every step's outputs that arrived, into their requests' mailboxes."""
+        self._woken = False  # from here on a new step wakes the loop again (at worst one idle drain)
+        ready = self._ready
+        while ready:
+            _dispatch(ready.popleft())
 
 
 def _dispatch(outputs) -> None:
     for out in outputs:
-        out.request.handle.put_nowait(out)
+        out.request.handle.put(out)
 
 
 def create_app(service: Service) -> Starlette:
@@ -60,6 +79,7 @@ def create_app(service: Service) -> Starlette:
         service.loop = asyncio.get_running_loop()
         service.engine.start()
         try:
+            await _warm_up_http(app)
             yield
         finally:
             service.engine.stop()
@@ -68,7 +88,8 @@ def create_app(service: Service) -> Starlette:
         return HTMLResponse(page)
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": service.model_id, **service.engine.stats()})
+        stats = service.engine.stats()
+        return JSONResponse({"status": "ok", "model": service.model_id, **stats, "http_cpu_s": time.process_time()})
 
     async def models(request: Request) -> Response:
         card = {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "gpt2"}
@@ -114,15 +135,15 @@ async def _complete(service: Service, request: Request) -> Response:
         block_size=service.block_size,
         vocab_size=service.vocab_size,
     )
-    queue: asyncio.Queue = asyncio.Queue()
-    seqs = _sequences(params, queue)
+    inbox = Mailbox()
+    seqs = _sequences(params, inbox)
     try:
         ids = service.engine.submit(seqs)
     except QueueFull as e:
         raise APIError(429, str(e), code="queue_full") from None
     except ValueError as e:
         raise APIError(400, str(e), param="n") from None
-    completion = Completion(service, params, seqs, ids, queue, f"cmpl-{secrets.token_hex(12)}")
+    completion = Completion(service, params, seqs, ids, inbox, f"cmpl-{secrets.token_hex(12)}")
     if params.stream:
         return _EventStream(completion.events(), completion.close, media_type="text/event-stream")
     try:
@@ -134,7 +155,7 @@ async def _complete(service: Service, request: Request) -> Response:
     return JSONResponse(body)
 
 
-def _sequences(p: CompletionParams, queue: asyncio.Queue) -> list[Sequence]:
+def _sequences(p: CompletionParams, inbox: Mailbox) -> list[Sequence]:
     """One engine sequence per (prompt, choice); choice i of a seeded request gets its own seed."""
     seqs = []
     for i, prompt in enumerate(p.prompts):
@@ -152,10 +173,55 @@ def _sequences(p: CompletionParams, queue: asyncio.Queue) -> list[Sequence]:
                     logprobs=p.logprobs,
                     prompt_logprobs=p.logprobs if p.echo else None,
                     stop_at_eos=not p.ignore_eos,
-                    handle=queue,
+                    handle=inbox,
                 )
             )
     return seqs
+
+
+async def _warm_up_http(app) -> None:
+    """Before the first client, in process and without the engine: a bad completion request through
+    the whole app (Starlette builds its middleware stack on the first request) and an event
+    stream (it imports anyio's backend on the first one): ~100 ms on a CPU that would otherwise
+    be the first client's time to first token."""
+    await _asgi_call(app, "POST", "/v1/completions", b"{}")
+
+    async def one_event():
+        yield "data: [DONE]\n\n"
+
+    await _asgi_call(_EventStream(one_event(), lambda: None, media_type="text/event-stream"), "GET", "/", b"")
+
+
+async def _asgi_call(app, method: str, path: str, body: bytes) -> None:
+    """One HTTP request through an ASGI app, as uvicorn makes it; the answer is dropped."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 0),
+    }
+    done = asyncio.Event()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            done.set()
+
+    await app(scope, receive, send)
 
 
 class _EventStream(StreamingResponse):

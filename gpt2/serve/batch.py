@@ -1,9 +1,10 @@
 """The batched model passes of the server: prefill of newcomers and one decode step for every slot.
 
-The KV cache is preallocated for max_batch slots x block_size columns. A slot is one sequence; its
-column c holds the key/value of its token at position c, so each slot has its own length. A decode
-step feeds one token per slot: slot b's new key/value go to column pos[b] of row b (not one shared
-column), and row b attends to columns 0..pos[b] only (a per-row additive mask built from pos).
+The KV cache is preallocated for max_batch slots x block_size columns, plus one scratch slot that
+padded prefill rows write to. A slot is one sequence; its column c holds the key/value of its
+token at position c, so each slot has its own length. A decode step feeds one token per slot:
+slot b's new key/value go to column pos[b] of row b (not one shared column), and row b attends
+to columns 0..pos[b] only (a per-row additive mask built from pos).
 
 The step's state lives in fixed (max_batch,) buffers updated in place (tokens, positions, sampling
 settings, token indices): the step reads them, samples the next tokens on the device, writes them
@@ -14,8 +15,13 @@ are padded up to the batch bucket (rows past the last live slot are not computed
 read up to the length bucket (columns past every live row's length are not read). On CPUs the same
 step runs eagerly; it is the same computation.
 
+A prefill pass is padded to a (rows bucket, prompt-length bucket) shape too: prompts right-padded,
+rows past the newcomers sent to the scratch slot. So the shapes a server ever runs are known at
+start-up, where each is captured once as a CUDA graph (nothing is compiled, loaded or captured
+while clients wait), and a prefill computes the logits of each prompt's last position only.
+
 Shape key: B rows (a batch bucket), L key columns read (a length bucket), S cache columns, T prompt
-length, V vocab_size, nh heads, hs head size.
+length (a bucket), V vocab_size, C n_embd, nh heads, hs head size.
 """
 
 from __future__ import annotations
@@ -47,7 +53,10 @@ def bucket_for(n: int, sizes: list[int]) -> int:
 
 
 class SlotCache:
-    """Keys and values of max_batch sequences, one slot each: (max_batch, nh, S, hs) per layer.
+    """Keys and values of max_batch sequences, one slot each, plus a scratch slot (index max_batch):
+    (max_batch + 1, nh, S + 1, hs) per layer, S = block_size. Column S is spare, never read: with it
+    (and the scratch slot) no step's slice [:B] or [:L] spans a whole buffer, which torch.compile
+    would guard on and compile once more for.
 
     The model calls update(layer, k, v) and reads mask (see gpt2.attention.KVCache for the
     contract). In a decode pass k, v are (B, nh, 1, hs) and go to column cols[b] of slot b; the
@@ -57,9 +66,15 @@ class SlotCache:
 
     def __init__(self, model: GPT, max_batch: int, device: torch.device, dtype: torch.dtype) -> None:
         c = model.config
-        shape = (max_batch, c.n_head, c.block_size, c.head_dim)
+        shape = (max_batch + 1, c.n_head, c.block_size + 1, c.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        self.scratch = max_batch  # the slot padded prefill rows write to; no sequence reads it
+        self.block_size = c.block_size  # S: positions 0..S-1
+        self.slot_ids = torch.arange(max_batch + 1, device=device)  # (max_batch + 1,) 0, 1, 2, ...
+        self.columns = torch.arange(c.block_size + 1, device=device)  # (S + 1,) 0, 1, 2, ...
+        self.zero = torch.zeros((), dtype=dtype, device=device)  # the additive mask's two values
+        self.neg_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
         self.rows: Tensor | None = None  # (B,) slots of this pass
         self.cols: Tensor | None = None  # (B,) decode: column of each row's new token
         self.length = 0  # decode: columns read (L); 0 in a prefill pass
@@ -79,17 +94,18 @@ class SlotCache:
 
 
 class DecodeState:
-    """The per-slot buffers a decode step reads and updates in place, all (max_batch,)."""
+    """The per-slot buffers a decode step reads and updates in place, all (rows,): one per cache
+    slot, the scratch slot included."""
 
-    def __init__(self, max_batch: int, device: torch.device) -> None:
+    def __init__(self, rows: int, device: torch.device) -> None:
         long = dict(dtype=torch.long, device=device)
-        self.token = torch.zeros(max_batch, **long)  # input token of the next step
-        self.pos = torch.zeros(max_batch, **long)  # its position = its cache column
-        self.index = torch.zeros(max_batch, **long)  # tokens generated so far (the RNG counter)
-        self.seed = torch.zeros(max_batch, **long)
-        self.temperature = torch.zeros(max_batch, dtype=torch.float32, device=device)
-        self.top_k = torch.zeros(max_batch, **long)
-        self.top_p = torch.ones(max_batch, dtype=torch.float32, device=device)
+        self.token = torch.zeros(rows, **long)  # input token of the next step
+        self.pos = torch.zeros(rows, **long)  # its position = its cache column
+        self.index = torch.zeros(rows, **long)  # tokens generated so far (the RNG counter)
+        self.seed = torch.zeros(rows, **long)
+        self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(rows, **long)
+        self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
 
     def write(self, slots: Tensor, **values: Tensor) -> None:
         """Set fields at slots (n,) (on the device) from host tensors (n,), in stream order: no
@@ -112,28 +128,28 @@ def decode_step(model: GPT, cache: SlotCache, state: DecodeState, out: Tensor, B
     state.token, and every row advances. Rows of no live sequence compute garbage that nothing
     reads (their positions stop at the last column). Returns the logits (B, V)."""
     s = state
-    rows = torch.arange(B, device=s.token.device)  # (B,)
     pos = s.pos[:B]
-    cache.rows, cache.cols, cache.length = rows, pos, L
-    allowed = torch.arange(L, device=pos.device)[None, :] <= pos[:, None]  # (B, L)
-    cache.mask = torch.zeros(allowed.shape, dtype=cache.k[0].dtype, device=pos.device).masked_fill_(
-        ~allowed, float("-inf")
-    )[:, None, None, :]  # (B, 1, 1, L)
+    cache.rows, cache.cols, cache.length = cache.slot_ids[:B], pos, L
+    # one mask for every layer, two kernels: 0.0 where column <= pos[b], -inf after
+    allowed = cache.columns[None, :L] <= pos[:, None]  # (B, L)
+    cache.mask = torch.where(allowed, cache.zero, cache.neg_inf)[:, None, None, :]  # (B, 1, 1, L)
     logits, _ = model(s.token[:B, None], positions=pos[:, None], cache=cache)  # (B, 1, V)
     logits = logits[:, -1, :]  # (B, V)
     nxt = sample_rows(logits, s.temperature[:B], s.top_k[:B], s.top_p[:B], s.seed[:B], s.index[:B], mode)
     out[:B].copy_(nxt)
     s.token[:B].copy_(nxt)
-    s.pos[:B].add_(1).clamp_(max=cache.k[0].size(2) - 1)  # a dead row never runs off the cache
+    s.pos[:B].add_(1).clamp_(max=cache.block_size - 1)  # a dead row never runs off the positions
     s.index[:B].add_(1)
     return logits
 
 
 class BatchDecoder:
-    """Prefill and decode passes over one SlotCache; on CUDA each decode shape is one CUDA graph.
+    """Prefill and decode passes over one SlotCache; on CUDA each pass shape is one CUDA graph.
 
-    cuda_graph: capture every (batch bucket, length bucket, mode) step at start-up (capture_all)
-    and replay it; compile: torch.compile the step first (dynamic shapes: one compilation per mode).
+    cuda_graph: capture every decode shape (batch bucket, length bucket, mode) and every prefill
+    shape (rows bucket, prompt bucket, within max_prefill_tokens) at start-up (capture_all) and
+    replay them; compile: torch.compile the decode step first (dynamic shapes: two compilations
+    per mode, batch 1 and the rest).
     """
 
     def __init__(
@@ -144,24 +160,55 @@ class BatchDecoder:
         cuda_graph: bool = False,
         compile: bool = False,
         min_length_bucket: int = 64,
+        max_prefill_tokens: int = 4096,
+        min_prompt_bucket: int = 16,
     ) -> None:
         p = next(model.parameters())
         self.model, self.device, self.dtype = model, p.device, p.dtype
         self.max_batch = max_batch
         self.block_size = model.config.block_size
         self.cache = SlotCache(model, max_batch, self.device, self.dtype)
-        self.state = DecodeState(max_batch, self.device)
-        self.out = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # (max_batch,) last step's tokens
+        self.state = DecodeState(max_batch + 1, self.device)
+        self.out = torch.zeros(max_batch + 1, dtype=torch.long, device=self.device)  # last step's tokens
         self.logits = torch.zeros(max_batch, model.config.vocab_size, dtype=self.dtype, device=self.device)
         self.batch_buckets = buckets(max_batch)
         self.length_buckets = buckets(self.block_size, start=min(min_length_bucket, self.block_size))
+        self.prompt_buckets = buckets(self.block_size, start=min(min_prompt_bucket, self.block_size))
+        self.max_prefill_tokens = max_prefill_tokens
+        # prefill inputs: tokens of the padded (rows, T) batch (flat, so every shape is a contiguous
+        # view), each row's slot (scratch for padding) and last prompt column; its logits (rows, V)
+        most = max(max_prefill_tokens, self.block_size)
+        self.pf_tokens = torch.zeros(most, dtype=torch.long, device=self.device)
+        self.pf_slots = torch.full((max_batch,), self.cache.scratch, dtype=torch.long, device=self.device)
+        self.pf_last = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.pf_logits = torch.zeros(max_batch, model.config.vocab_size, dtype=self.dtype, device=self.device)
+        self.causal: dict[int, Tensor] = {}  # prompt bucket T -> (1, 1, T, T) causal mask, made once
         self.use_graph = cuda_graph
         self.step_fn = torch.compile(decode_step, dynamic=True) if compile else decode_step
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
     def shape_for(self, rows: int, length: int) -> tuple[int, int]:
         """(batch bucket, length bucket) for the live slots 0..rows-1 and longest row `length`."""
         return bucket_for(rows, self.batch_buckets), bucket_for(length, self.length_buckets)
+
+    def prefill_shape(self, rows: int, length: int) -> tuple[int, int]:
+        """(rows bucket, prompt bucket) of a prefill of `rows` prompts, the longest `length` tokens."""
+        return bucket_for(rows, self.batch_buckets), bucket_for(length, self.prompt_buckets)
+
+    def prefill_fits(self, rows: int, length: int) -> bool:
+        """Whether that padded prefill stays within max_prefill_tokens (one prompt always fits)."""
+        R, T = self.prefill_shape(rows, length)
+        return rows == 1 or R * T <= self.max_prefill_tokens
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """Every padded prefill shape prefill_fits admits: the ones captured at start-up."""
+        return [
+            (R, T)
+            for T in self.prompt_buckets
+            for R in self.batch_buckets
+            if R == 1 or R * T <= self.max_prefill_tokens
+        ]
 
     @torch.no_grad()
     def step(self, B: int, L: int, mode: int) -> tuple[Tensor, Tensor]:
@@ -177,10 +224,55 @@ class BatchDecoder:
         return self.step_fn(self.model, self.cache, self.state, self.out, B, L, mode)
 
     @torch.no_grad()
+    def prefill(self, slots: list[int], prompts: list[list[int]], hidden: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Run the prompts (right-padded to a prefill shape) into their slots. Returns the logits
+        (n, V) that predict each prompt's next token and, with hidden=True, the hidden states
+        (n, T, C) of every position (row i's prediction after its token t is logits(hidden[i, t])).
+        The logits are a view the next prefill overwrites."""
+        n = len(prompts)
+        R, T = self.prefill_shape(n, max(len(p) for p in prompts))
+        if R * T > self.pf_tokens.numel():
+            raise ValueError(f"a prefill of {n} prompts padded to {R} x {T} exceeds max_prefill_tokens")
+        tokens = torch.zeros((R, T), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        rows = torch.full((R,), self.cache.scratch, dtype=torch.long)
+        rows[:n] = torch.tensor(slots, dtype=torch.long)
+        last = torch.zeros(R, dtype=torch.long)
+        last[:n] = torch.tensor([len(p) - 1 for p in prompts])
+        for buf, value in (
+            (self.pf_tokens[: R * T], tokens.view(-1)),
+            (self.pf_slots[:R], rows),
+            (self.pf_last[:R], last),
+        ):
+            buf.copy_(_staged(value, self.device), non_blocking=True)
+        graph = None if hidden else self.prefill_graphs.get((R, T))
+        if graph is not None:
+            graph.replay()
+            return self.pf_logits[:n], None
+        h = self._prefill_hidden(R, T)  # (R, T, C)
+        logits = self.logits_of(h[self.cache.slot_ids[:R], self.pf_last[:R]])  # (R, V)
+        return logits[:n], (h[:n] if hidden else None)
+
+    def logits_of(self, hidden: Tensor) -> Tensor:
+        """The LM head: hidden states (..., C) -> logits (..., V)."""
+        return self.model.lm_head(hidden)
+
+    def _prefill_hidden(self, R: int, T: int) -> Tensor:
+        """The model over the staged prefill inputs of shape (R, T): hidden states (R, T, C)."""
+        c = self.cache
+        c.rows, c.cols, c.length = self.pf_slots[:R], None, 0
+        if T not in self.causal:
+            self.causal[T] = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]
+        # right padding sits after every real token, so causal attention keeps it out of real rows
+        c.mask = self.causal[T]  # (1, 1, T, T)
+        return self.model.hidden_states(self.pf_tokens[: R * T].view(R, T), cache=c)
+
+    @torch.no_grad()
     def capture_all(self) -> int:
-        """Capture every decode shape as a CUDA graph (no-op without cuda_graph); returns how many.
-        The graphs share one memory pool: they never run at once and keep nothing between replays
-        but the persistent buffers."""
+        """Capture every decode and prefill shape as a CUDA graph (no-op without cuda_graph);
+        returns how many. The graphs share one memory pool: they never run at once and keep
+        nothing between replays but the persistent buffers."""
         if not self.use_graph:
             return 0
         saved = {k: v.clone() for k, v in vars(self.state).items()}
@@ -189,9 +281,11 @@ class BatchDecoder:
             for L in self.length_buckets:
                 for mode in MODES:
                     self._capture(B, L, mode, pool)
+        for R, T in self.prefill_shapes():
+            self._capture_prefill(R, T, pool)
         for k, v in saved.items():  # the warm-up runs advanced the buffers: put them back
             getattr(self.state, k).copy_(v)
-        return len(self.graphs)
+        return len(self.graphs) + len(self.prefill_graphs)
 
     def _capture(self, B: int, L: int, mode: int, pool) -> None:
         side = torch.cuda.Stream()
@@ -204,17 +298,25 @@ class BatchDecoder:
             self.logits[:B].copy_(self._run(B, L, mode))
         self.graphs[(B, L, mode)] = graph
 
-    @torch.no_grad()
-    def prefill(self, slots: Tensor, prompts: list[list[int]]) -> Tensor:
-        """Run the prompts (right-padded) into their slots; returns their logits (n, T, V): row i's
-        prediction after its token t is at [i, t]. slots (n,) long on the device."""
-        T = max(len(p) for p in prompts)
-        tokens = torch.zeros((len(prompts), T), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        c = self.cache
-        c.rows, c.cols, c.length = slots, None, 0
-        # right padding sits after every real token, so causal attention keeps it out of real rows
-        c.mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]  # (1, 1, T, T)
-        logits, _ = self.model(to_device(tokens, self.device), cache=c)  # (n, T, V)
-        return logits
+    def _capture_prefill(self, R: int, T: int, pool) -> None:
+        """The prefill of shape (R, T) as a graph; captured with every row on the scratch slot."""
+        self.pf_slots.fill_(self.cache.scratch)
+
+        def run() -> Tensor:
+            h = self._prefill_hidden(R, T)
+            return self.logits_of(h[self.cache.slot_ids[:R], self.pf_last[:R]])  # (R, V)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.pf_logits[:R].copy_(run())
+        self.prefill_graphs[(R, T)] = graph
+
+
+def _staged(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor ready for a non-blocking copy to device (pinned on CUDA)."""
+    return t.pin_memory() if device.type == "cuda" else t

@@ -1,17 +1,19 @@
 """The serving engine: one thread owns the model and the cache and runs continuous batching.
 
 Requests wait in a bounded FIFO. At every step boundary the engine (1) drops cancelled sequences,
-(2) admits waiting ones into free cache slots, prefilling them together in one pass (capped at
-max_prefill_tokens, so a burst of long prompts is spread over several steps instead of stalling
-the running streams), (3) launches one decode step for every live slot and (4) hands the tokens of
-the previous step to the caller. A finished sequence frees its slot at once; the next waiting one
-takes it at the next boundary, so a long request never holds up a short one.
+(2) admits waiting ones into free cache slots, prefilling them together in one pass (capped at the
+decoder's max_prefill_tokens, padded shape included, so a burst of long prompts is spread over
+several steps instead of stalling the running streams), (3) launches one decode step for every
+live slot and (4) hands the tokens of the previous step to the caller. A finished sequence frees
+its slot at once; the next waiting one takes it at the next boundary, so a long request never
+holds up a short one.
 
-Steps are pipelined: the decode step samples on the device and feeds its tokens straight into the
-next step, so the engine launches step n+1 before it reads step n's tokens back (one asynchronous
-copy into pinned memory each). The host's work for step n (stop checks, delivery) then overlaps
-the device's work for step n+1; a sequence that stopped at step n runs once more, and that token
-is dropped.
+On CUDA, steps are pipelined: the decode step samples on the device and feeds its tokens straight
+into the next step, so the engine launches step n+1 before it reads step n's tokens back (one
+asynchronous copy into a reused pinned buffer each). The host's work for step n (stop checks,
+delivery) then overlaps the device's work for step n+1; a sequence that stopped at step n runs
+once more, and that token is dropped. On a CPU nothing runs asynchronously, so each pass's tokens
+are delivered as soon as it has run (a newcomer's first token does not wait for the next step).
 
 Everything the caller sees goes through `on_outputs(list[Output])`, called from the engine thread
 once per step; the HTTP layer hands that list over to its event loop.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +54,7 @@ class Request:
     handle: Any = None  # the caller's; passed back in every Output
 
 
-@dataclass
+@dataclass(slots=True)
 class Output:
     """New tokens of one sequence since the last Output; finish_reason set on its last one."""
 
@@ -71,6 +74,7 @@ class QueueFull(Exception):
 class _Seq:
     request: Request
     id: int
+    mode: int  # the cheapest decode-step mode for its sampling settings
     slot: int = -1
     launched: int = 0  # tokens whose computation has been launched
     received: int = 0  # tokens handed to the caller
@@ -91,15 +95,11 @@ class _Pending:
     """A launched pass whose tokens are on their way to the host."""
 
     seqs: list[tuple[int, _Seq]]  # (row in the pass's output, sequence)
-    tokens: Tensor  # (n,) long, pinned host memory on CUDA
+    tokens: Tensor  # (n,) long, a view of one of the engine's (pinned) host buffers
     logprobs: tuple[Tensor, Tensor, Tensor] | None  # chosen (n,), top values (n, K), top ids (n, K)
     prompt_logprobs: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # per row
     event: torch.cuda.Event | None = None
     first: bool = False  # a prefill pass: prompt logprobs go with its tokens
-
-    def wait(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
 
 
 class Engine:
@@ -112,11 +112,10 @@ class Engine:
         *,
         eos_id: int,
         max_queue: int = 1024,
-        max_prefill_tokens: int = 4096,
         batch_invariant: bool = False,
     ) -> None:
         self.decoder, self.on_outputs, self.eos_id = decoder, on_outputs, eos_id
-        self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
+        self.max_queue = max_queue
         self.batch_invariant = batch_invariant
         self.vocab_size = decoder.model.config.vocab_size
         self.device = decoder.device
@@ -127,10 +126,20 @@ class Engine:
         self._free = list(range(decoder.max_batch))  # a heap: the lowest free slot first
         self._ids = itertools.count()
         self._pending: deque[_Pending] = deque()
+        # Passes in flight are few (a decode step, a prefill, the next decode step): their tokens come
+        # back into a ring of host buffers (pinned on CUDA) and their events are reused, so a step
+        # allocates nothing.
+        self.asynchronous = self.device.type == "cuda"
+        pinned = dict(dtype=torch.long, pin_memory=self.asynchronous)
+        self._host = [torch.zeros(decoder.max_batch, **pinned) for _ in range(_RING)]
+        self._events = [torch.cuda.Event() for _ in range(_RING)] if self.asynchronous else [None] * _RING
+        self._ring = itertools.cycle(range(_RING))
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps launched
         self.tokens = 0  # tokens delivered
+        self.busy_s = 0.0  # seconds the engine thread spent in step boundaries (waits included)
+        self.wait_s = 0.0  # of which waiting for the device: busy - wait is the host's own work
 
     # --- called from other threads -------------------------------------------------------------
 
@@ -143,7 +152,8 @@ class Engine:
                 )
             if len(self._waiting) + len(requests) > self.max_queue:
                 raise QueueFull(f"the queue is full ({len(self._waiting)} sequences waiting); retry later")
-            seqs = [_Seq(r, next(self._ids)) for r in requests]
+            V = self.vocab_size
+            seqs = [_Seq(r, next(self._ids), mode_of(r.temperature, r.top_k, r.top_p, V)) for r in requests]
             self._waiting.extend(seqs)
             self._lock.notify()
         return [s.id for s in seqs]
@@ -157,6 +167,7 @@ class Engine:
     def stats(self) -> dict[str, float]:
         """Counts for /health; on CUDA also the peak memory allocated (GiB)."""
         out = {"running": len(self._live), "waiting": len(self._waiting), "steps": self.steps, "tokens": self.tokens}
+        out["engine_busy_s"], out["engine_wait_s"] = round(self.busy_s, 4), round(self.wait_s, 4)
         if self.device.type == "cuda":
             out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return out
@@ -191,10 +202,12 @@ class Engine:
                     self._lock.wait()
                 if self._stop:
                     return
+            t0 = time.perf_counter()
             try:
                 self.iterate()
             except Exception as e:  # a failed pass: fail what is running, keep serving
                 self._fail_all(f"{type(e).__name__}: {e}")
+            self.busy_s += time.perf_counter() - t0
 
     def iterate(self) -> None:
         """One step boundary: cancels, admissions (prefill), one decode step, deliveries."""
@@ -202,10 +215,21 @@ class Engine:
         self._apply_cancels(outputs)
         with torch.no_grad():
             self._admit()
+            if not self.asynchronous:  # the prefill has run: its first tokens go out before the step runs
+                self._collect_older(outputs, keep=0)
+                self._deliver(outputs)
+                outputs = []
             launched = self._launch_decode()
-        # Keep one pass in flight: read back everything older than the pass just launched.
-        while len(self._pending) > (1 if launched else 0):
+        # On CUDA keep one pass in flight: read back everything older than the pass just launched.
+        self._collect_older(outputs, keep=1 if launched and self.asynchronous else 0)
+        self._deliver(outputs)
+
+    def _collect_older(self, outputs: list[Output], keep: int) -> None:
+        """Collect the passes in flight, oldest first, until `keep` are left."""
+        while len(self._pending) > keep:
             self._collect(self._pending.popleft(), outputs)
+
+    def _deliver(self, outputs: list[Output]) -> None:
         if outputs:
             self.tokens += sum(len(o.tokens) for o in outputs)
             self.on_outputs(outputs)
@@ -225,16 +249,16 @@ class Engine:
 
     def _take_newcomers(self) -> list[_Seq]:
         """Waiting sequences that get a slot now, FIFO, within the prefill token budget."""
-        taken, budget = [], self.max_prefill_tokens
+        taken, longest = [], 0
         with self._lock:
             while self._waiting and self._free:
-                n = len(self._waiting[0].request.prompt)
-                if taken and (n > budget or self.batch_invariant):
+                n = max(longest, len(self._waiting[0].request.prompt))
+                if taken and (self.batch_invariant or not self.decoder.prefill_fits(len(taken) + 1, n)):
                     break
                 seq = self._waiting.popleft()
                 seq.slot = heapq.heappop(self._free)
                 taken.append(seq)
-                budget -= n
+                longest = n
         return taken
 
     def _admit(self) -> None:
@@ -246,25 +270,21 @@ class Engine:
             self._live[s.slot] = s
         d = self.decoder
         reqs = [s.request for s in seqs]
+        echo = [i for i, r in enumerate(reqs) if r.prompt_logprobs is not None and len(r.prompt) > 1]
+        last, hidden = d.prefill([s.slot for s in seqs], [r.prompt for r in reqs], hidden=bool(echo))  # (n, V)
         slots = to_device(torch.tensor([s.slot for s in seqs]), self.device)
-        logits = d.prefill(slots, [r.prompt for r in reqs])  # (n, T, V)
-        last_col = to_device(torch.tensor([len(r.prompt) - 1 for r in reqs]), self.device)
-        last = logits[torch.arange(len(seqs), device=self.device), last_col]  # (n, V)
-        params = self._params(reqs)
         index = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
-        mode = max(mode_of(r.temperature, r.top_k, r.top_p, self.vocab_size) for r in reqs)
-        p = {k: to_device(v, self.device) for k, v in params.items()}
+        mode = max(s.mode for s in seqs)
+        p = {k: to_device(v, self.device) for k, v in self._params(reqs).items()}
         tokens = sample_rows(last, p["temperature"], p["top_k"], p["top_p"], p["seed"], index, mode)  # (n,)
         d.state.write(slots, token=tokens, pos=torch.tensor([len(r.prompt) for r in reqs]), **p)
         d.state.index.index_fill_(0, slots, 1)
         pending = self._pending_for(list(enumerate(seqs)), tokens, last, first=True)
-        for i, r in enumerate(reqs):
-            if r.prompt_logprobs is not None and len(r.prompt) > 1:
-                P = len(r.prompt)
-                target = to_device(torch.tensor(r.prompt[1:]), self.device)
-                pending.prompt_logprobs[i] = _to_host(
-                    top_logprobs(logits[i, : P - 1], target, max(1, r.prompt_logprobs))
-                )
+        for i in echo:  # the prompt's own log-probabilities: logits at every position but the last
+            r = reqs[i]
+            target = to_device(torch.tensor(r.prompt[1:]), self.device)
+            logits = d.logits_of(hidden[i, : len(r.prompt) - 1])  # (P - 1, V)
+            pending.prompt_logprobs[i] = _to_host(top_logprobs(logits, target, max(1, r.prompt_logprobs)))
         self._record(pending)
         for s in seqs:
             s.launched = min(1, s.request.max_tokens)
@@ -287,7 +307,7 @@ class Engine:
         d = self.decoder
         rows = d.max_batch if self.batch_invariant else max(s.slot for s in stepping) + 1
         B, L = d.shape_for(rows, max(s.next_column for s in stepping) + 1)
-        mode = max(mode_of(s.request.temperature, s.request.top_k, s.request.top_p, self.vocab_size) for s in stepping)
+        mode = max(s.mode for s in stepping)
         tokens, logits = d.step(B, L, mode)
         self._record(self._pending_for([(s.slot, s) for s in stepping], tokens, logits))
         for s in stepping:
@@ -301,17 +321,24 @@ class Engine:
         """Start copying a pass's tokens (and, when asked for, log-probabilities) to the host."""
         want = [s.request.logprobs for _, s in seqs if s.request.logprobs is not None]
         logprobs = _to_host(top_logprobs(logits, tokens, max(1, *want))) if want else None
-        return _Pending(seqs, _to_host((tokens,))[0], logprobs, first=first)
+        if len(self._pending) >= _RING - 1:  # the ring would overwrite a pass not read yet: a bug, not a load
+            raise RuntimeError(f"{len(self._pending)} passes in flight; the host buffer ring holds {_RING}")
+        i = next(self._ring)
+        host = self._host[i][: tokens.size(0)]
+        host.copy_(tokens, non_blocking=self.asynchronous)
+        return _Pending(seqs, host, logprobs, event=self._events[i], first=first)
 
     def _record(self, pending: _Pending) -> None:
-        if self.device.type == "cuda":
-            pending.event = torch.cuda.Event()
+        if pending.event is not None:
             pending.event.record()
         self._pending.append(pending)
 
     def _collect(self, p: _Pending, outputs: list[Output]) -> None:
         """Hand a finished pass's tokens to their sequences; finish those that stop."""
-        p.wait()
+        if p.event is not None:
+            t0 = time.perf_counter()
+            p.event.synchronize()
+            self.wait_s += time.perf_counter() - t0
         tokens = p.tokens.tolist()
         for row, seq in p.seqs:
             if seq.done:
@@ -351,6 +378,9 @@ class Engine:
         for seq in list(self._live.values()):
             self._finish(seq, Output(seq.request, [], error=message), outputs, "error")
         self.on_outputs(outputs)
+
+
+_RING = 8  # host buffers / events for passes in flight (at most 3 at once)
 
 
 def _to_host(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -27,35 +27,46 @@ class ServeConfig:
     batch_invariant: bool = False  # exact results whatever the batch (fixed decode shape, prefill one by one)
 
 
-def build_service(model: GPT, model_id: str, config: ServeConfig) -> Service:
-    """Engine (not started) and the Service the HTTP handlers share, for a model in eval mode."""
+def build_engine(model: GPT, config: ServeConfig, on_outputs) -> Engine:
+    """The engine (not started) over a model in eval mode."""
     if config.max_batch < 1 or config.max_queue < 1 or config.max_prefill_tokens < 1:
         raise ValueError("max_batch, max_queue and max_prefill_tokens must be >= 1")
     device = next(model.parameters()).device
     graph = device.type == "cuda" if config.cuda_graph is None else config.cuda_graph
     if graph and device.type != "cuda":
         raise ValueError("CUDA graphs need a CUDA device")
-    decoder = BatchDecoder(model.eval(), config.max_batch, cuda_graph=graph, compile=config.compile)
-    holder: list[Service] = []
-    engine = Engine(
-        decoder,
-        lambda outputs: holder[0].on_outputs(outputs),
-        eos_id=EOT_ID,
-        max_queue=config.max_queue,
+    decoder = BatchDecoder(
+        model.eval(),
+        config.max_batch,
+        cuda_graph=graph,
+        compile=config.compile,
         max_prefill_tokens=config.max_prefill_tokens,
-        batch_invariant=config.batch_invariant,
     )
+    return Engine(
+        decoder, on_outputs, eos_id=EOT_ID, max_queue=config.max_queue, batch_invariant=config.batch_invariant
+    )
+
+
+def build_service(model: GPT, model_id: str, config: ServeConfig) -> Service:
+    """Engine (not started, in this process) and the Service the HTTP handlers share."""
+    holder: list[Service] = []
+    engine = build_engine(model, config, lambda outputs: holder[0].on_outputs(outputs))
     holder.append(Service(engine, model_id, model.config.block_size, model.config.vocab_size))
     return holder[0]
 
 
 def warm_up(service: Service) -> dict[str, float]:
-    """Before serving: run a few requests through every sampling mode and capture the decode graphs,
-    so the first client pays no one-time costs. Returns seconds spent per part."""
-    engine, times = service.engine, {}
+    """warm_up_engine for a Service whose engine runs in this process."""
+    return warm_up_engine(service.engine)
+
+
+def warm_up_engine(engine: Engine) -> dict[str, float]:
+    """Before serving: run a few requests through every sampling mode and capture the graphs, so
+    the first client pays no one-time costs. Returns seconds spent per part."""
+    times = {}
     t0 = time.perf_counter()
-    block = service.block_size
-    prompt = [EOT_ID] * min(8, block - 4)
+    block = engine.decoder.block_size
+    prompt = [min(EOT_ID, engine.vocab_size - 1)] * min(8, block - 4)  # a small test vocabulary has no EOT_ID
     warm = [
         Request(prompt, 4),
         Request(prompt, 4, temperature=1.0, seed=1),
@@ -93,7 +104,9 @@ class ServerThread:
         import uvicorn
 
         self.port = port or free_port()
-        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(
+            create_app(service), host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="gpt2-serve-http", daemon=True)
 

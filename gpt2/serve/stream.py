@@ -5,6 +5,7 @@ Choices are numbered prompt-major (prompt i, sample j -> index i * n + j), as Op
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,31 @@ from gpt2.serve.protocol import APIError, CompletionParams
 from gpt2.serve.text import ChoiceText, logprobs_block
 
 DONE = "data: [DONE]\n\n"
-_NO_LP_NO_FINISH = '"logprobs": null, "finish_reason": null}'
+_TOKEN_EVENT_END = ', "logprobs": null, "finish_reason": null}]}\n\n'  # after the text of a per-token event
+
+
+class Mailbox:
+    """One request's engine outputs, filled on the event loop: the handler takes everything that
+    arrived since it last looked in one go (a client that fell behind gets several tokens at once)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list[Output] = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, out: Output) -> None:
+        self.items.append(out)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> list[Output]:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        self.waiter = None
+        items, self.items = self.items, []
+        return items
 
 
 @dataclass(eq=False)
@@ -31,23 +56,28 @@ class _Choice:
     prompt_entries: list | None = None
     finish_reason: str | None = None
     echoed: bool = False
+    event_start: str = ""  # a per-token event up to its text
 
 
 class Completion:
     """The choices of one request; `collect()` for a JSON answer, `events()` for a stream."""
 
-    def __init__(self, service, params: CompletionParams, seqs: list[Sequence], ids: list[int], queue, cid: str):
-        self.service, self.p, self.queue, self.id = service, params, queue, cid
+    def __init__(self, service, params: CompletionParams, seqs: list[Sequence], ids: list[int], inbox, cid: str):
+        self.service, self.p, self.inbox, self.id = service, params, inbox, cid
         self.created = int(time.time())
-        tok = service.tok
+        tok, table = service.tok, service.table
         self.choices = {
-            id(s): _Choice(i, sid, s.prompt, tok.decode(s.prompt), ChoiceText(tok, params.stop))
+            id(s): _Choice(i, sid, s.prompt, tok.decode(s.prompt), ChoiceText(table, params.stop))
             for i, (s, sid) in enumerate(zip(seqs, ids))
         }
         self.open = len(self.choices)
         self.error: str | None = None
         head = {"id": cid, "object": "text_completion", "created": self.created, "model": params.model}
         self._head = json.dumps(head)[:-1] + ', "choices": ['  # every chunk's constant start
+        for c in self.choices.values():
+            c.event_start = f'data: {self._head}{{"index": {c.index}, "text": '
+        # the common stream: per token only the text changes, and the table has it as JSON
+        self._plain = params.stream and not params.echo and params.logprobs is None and not params.stop
 
     def close(self) -> None:
         """Stop whatever is still generating (client gone, or the answer is complete)."""
@@ -57,7 +87,8 @@ class Completion:
 
     async def collect(self) -> dict:
         while self.open:
-            self._apply(await self.queue.get(), stream=False)
+            for out in await self.inbox.take():
+                self._apply(out, stream=False)
         if self.error:
             return {"error": self.error}
         choices = [self._choice_json(c) for c in sorted(self.choices.values(), key=lambda c: c.index)]
@@ -72,10 +103,9 @@ class Completion:
 
     async def events(self) -> AsyncIterator[str]:
         while self.open:
-            batch = [await self.queue.get()]
-            while not self.queue.empty():  # the client fell behind: send what is there in one write
-                batch.append(self.queue.get_nowait())
-            chunks = [e for out in batch for e in self._apply(out, stream=True)]
+            chunks = []
+            for out in await self.inbox.take():  # all that arrived: one write
+                chunks += self._apply(out, stream=True)
             if chunks:
                 yield "".join(chunks)
         tail = []
@@ -91,6 +121,11 @@ class Completion:
         c = self.choices[id(out.request)]
         if c.finish_reason is not None:
             return []  # e.g. tokens that were on their way when a stop string ended the choice
+        if self._plain:
+            events = self._plain_events(c, out.tokens)
+            if out.finish_reason is not None:
+                events += self._finish_output(c, out, stream)
+            return events
         events = []
         if out.prompt_logprobs is not None:
             c.prompt_entries = out.prompt_logprobs
@@ -110,11 +145,24 @@ class Completion:
                 self.service.engine.cancel([c.seq_id])
                 return events + self._finish(c, "stop", stream)
         if out.finish_reason is not None:
-            if out.error:
-                self.error = out.error
-            reason = {"cancelled": "stop", "error": "error"}.get(out.finish_reason, out.finish_reason)
-            events += self._finish(c, reason, stream)
+            events += self._finish_output(c, out, stream)
         return events
+
+    def _plain_events(self, c: _Choice, tokens: list[int]) -> list[str]:
+        """Per-token events of a stream without echo, logprobs or stop strings."""
+        texts, jsons, events = self.service.table.text, self.service.table.json, []
+        for token in tokens:
+            piece = c.text.add([token])
+            text = jsons[token] if piece is texts[token] else json.dumps(piece)
+            events.append(f"{c.event_start}{text}{_TOKEN_EVENT_END}")
+        c.tokens += tokens
+        return events
+
+    def _finish_output(self, c: _Choice, out: Output, stream: bool) -> list[str]:
+        if out.error:
+            self.error = out.error
+        reason = {"cancelled": "stop", "error": "error"}.get(out.finish_reason, out.finish_reason)
+        return self._finish(c, reason, stream)
 
     @property
     def want_lp(self) -> bool:
@@ -128,7 +176,7 @@ class Completion:
 
     def _chunk(self, c: _Choice, text: str, logprobs: dict | None, finish: str | None = None) -> str:
         if logprobs is None and finish is None:  # the per-token event: only the text needs encoding
-            return f'data: {self._head}{{"index": {c.index}, "text": {json.dumps(text)}, {_NO_LP_NO_FINISH}]}}\n\n'
+            return f"{c.event_start}{json.dumps(text)}{_TOKEN_EVENT_END}"
         choice = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return f"data: {self._head}{json.dumps(choice)}]}}\n\n"
 

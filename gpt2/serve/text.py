@@ -8,8 +8,35 @@ cannot; when one appears, the text is cut before it and the choice stops (OpenAI
 from __future__ import annotations
 
 import codecs
+import json
+from dataclasses import dataclass
+from functools import lru_cache
 
 from gpt2.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """Per token id, made once: its bytes, its text when it is whole UTF-8 (else None), and that
+    text as a JSON string: streaming a token is then a list lookup, not a decode and an encode."""
+
+    bytes: list[bytes]
+    text: list[str | None]
+    json: list[str | None]
+
+
+@lru_cache(maxsize=4)
+def token_table(vocab_size: int) -> TokenTable:
+    """The table of ids 0..vocab_size-1 (GPT-2's BPE)."""
+    tok = Tokenizer()
+    data = [tok.decode_bytes([t]) if t < tok.vocab_size else b"" for t in range(vocab_size)]  # padded vocab: no text
+    text = []
+    for b in data:
+        try:
+            text.append(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            text.append(None)
+    return TokenTable(data, text, [None if t is None else json.dumps(t) for t in text])
 
 
 def token_string(tok: Tokenizer, token: int) -> str:
@@ -24,18 +51,27 @@ def token_string(tok: Tokenizer, token: int) -> str:
 class ChoiceText:
     """The text of one choice, fed token by token; `stopped` once a stop string has appeared."""
 
-    def __init__(self, tok: Tokenizer, stop: tuple[str, ...] = ()) -> None:
-        self.tok, self.stop = tok, stop
+    def __init__(self, table: TokenTable, stop: tuple[str, ...] = ()) -> None:
+        self.table, self.stop = table, stop
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.partial = False  # the decoder holds the first bytes of a character
         self.text = ""  # decoded so far (cut at a stop string)
         self.emitted = 0  # characters of text handed out
         self.stopped = False
 
     def add(self, tokens: list[int]) -> str:
-        """Feed new tokens; return the text that can be shown now."""
+        """Feed new tokens; return the text that can be shown now. Without stop strings, a whole
+        UTF-8 token after whole characters returns the table's own string for that token."""
         if self.stopped:
             return ""
-        self.text += self.decoder.decode(self.tok.decode_bytes(tokens))
+        if len(tokens) == 1 and not (self.stop or self.partial):
+            piece = self.table.text[tokens[0]]
+            if piece is not None:
+                self.text += piece
+                self.emitted = len(self.text)
+                return piece
+        self.text += self.decoder.decode(b"".join([self.table.bytes[t] for t in tokens]))
+        self.partial = bool(self.decoder.getstate()[0])
         return self._release(final=False)
 
     def finish(self) -> str:

@@ -1,0 +1,261 @@
+"""The engine in its own process, so it never waits for the HTTP process's GIL.
+
+In one process the engine thread and the event loop share the GIL: while the loop formats and
+writes a step's events (~15 us per token on a CPU, ~0.5 ms per step at 32 streams) the engine
+cannot launch the next step, and the GPU idles once that exceeds the step's ~1 ms. Here a child
+process (spawned, so CUDA starts fresh in it) loads the model, warms it up, captures the graphs and
+runs the Engine; the HTTP process talks to it through two pipes:
+
+    HTTP process                                   engine process
+    EngineProcess.submit / cancel  --commands-->   main thread: Engine.submit / cancel
+    reader thread -> on_outputs    <--outputs---   engine thread: one message per step
+
+Each outputs message is one step's outputs as plain tuples (sequence id, tokens, logprobs, prompt
+logprobs, finish reason, error) plus the engine's counters for /health. EngineProcess has the
+Engine's interface (submit, cancel, stats, start, stop), so the Service and the app do not know
+which one they hold. Bounds: a request is refused (QueueFull) when the sequences not finished yet
+would exceed max_queue + max_batch (the queue plus the slots), counted here without asking the
+child. If the child dies, every unfinished sequence ends with an error and new requests get one.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from gpt2.serve.app import Service
+from gpt2.serve.engine import Output, QueueFull, Request
+from gpt2.serve.server import ServeConfig
+
+_FIELDS = (
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "logprobs",
+    "prompt_logprobs",
+    "stop_at_eos",
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the child needs to load the model: as `gpt2 serve`'s --model, --device, --dtype."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+class EngineProcess:
+    """The Engine's interface over a child process that owns the model (see the module docstring).
+
+    Construction starts the child and waits until it is warmed up (`info`: block_size, vocab_size,
+    device, dtype, warm-up times); start() starts delivering outputs to on_outputs."""
+
+    def __init__(self, spec: ModelSpec, config: ServeConfig, on_outputs, timeout: float = 1800) -> None:
+        ctx = mp.get_context("spawn")  # CUDA starts fresh in the child
+        child_commands, self._commands = ctx.Pipe(duplex=False)  # (receiving end, sending end)
+        self._outputs, child_outputs = ctx.Pipe(duplex=False)
+        self.on_outputs, self.config = on_outputs, config
+        self._process = ctx.Process(
+            target=_child_main, args=(spec, asdict(config), child_commands, child_outputs), daemon=True
+        )
+        self._process.start()
+        child_commands.close()
+        child_outputs.close()
+        self.info: dict = self._wait_until_ready(timeout)
+        self._lock = threading.Lock()  # guards _seqs (loop thread: submit; reader thread: finishes)
+        self._seqs: dict[int, Request] = {}  # unfinished sequences by id
+        self._ids = itertools.count()
+        self._stats = self.info.pop("stats")  # the engine's counters as of its last message
+        self._dead: str | None = None
+        self._reader: threading.Thread | None = None
+
+    def _wait_until_ready(self, timeout: float) -> dict:
+        """The child's start-up report; a RuntimeError if it failed, died or took too long."""
+        deadline = time.monotonic() + timeout
+        while not self._outputs.poll(1.0):
+            if not self._process.is_alive() or time.monotonic() > deadline:
+                self._process.kill()
+                raise RuntimeError(f"the engine process did not start (exit code {self._process.exitcode})")
+        try:
+            kind, info = self._outputs.recv()
+        except EOFError:
+            self._process.join(timeout=10)
+            raise RuntimeError(f"the engine process exited at start-up (code {self._process.exitcode})") from None
+        if kind == "failed":
+            self._process.join(timeout=10)
+            raise RuntimeError(f"the engine process failed to start: {info}")
+        return info
+
+    # --- the Engine's interface (called from the event loop) ---------------------------------------
+
+    def submit(self, requests: list[Request]) -> list[int]:
+        """Queue the requests (all or none) in the child; returns their ids. Raises QueueFull."""
+        c = self.config
+        if len(requests) > c.max_queue:
+            raise ValueError(f"{len(requests)} sequences in one request; this server queues at most {c.max_queue}")
+        if self._dead is not None:
+            raise RuntimeError(f"the engine process is gone ({self._dead})")
+        with self._lock:
+            if len(self._seqs) + len(requests) > c.max_queue + c.max_batch:
+                waiting = max(0, len(self._seqs) - c.max_batch)
+                raise QueueFull(f"the queue is full (about {waiting} sequences waiting); retry later")
+            ids = [next(self._ids) for _ in requests]
+            self._seqs.update(zip(ids, requests))
+        try:
+            self._commands.send(("submit", [(i, *(getattr(r, f) for f in _FIELDS)) for i, r in zip(ids, requests)]))
+        except OSError as e:  # the child is gone and the reader has not noticed yet
+            with self._lock:
+                for i in ids:
+                    self._seqs.pop(i, None)
+            raise RuntimeError(f"the engine process is gone ({type(e).__name__})") from None
+        return ids
+
+    def cancel(self, ids: list[int]) -> None:
+        if self._dead is None:
+            try:
+                self._commands.send(("cancel", list(ids)))
+            except OSError:
+                pass  # the child is gone: the reader fails what was running
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._stats)
+
+    def start(self) -> None:
+        self._reader = threading.Thread(target=self._read, name="gpt2-serve-engine-reader", daemon=True)
+        self._reader.start()
+
+    def stop(self) -> None:
+        if self._process.is_alive():
+            try:
+                self._commands.send(("stop", None))
+            except OSError:
+                pass
+            self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=10)
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+
+    # --- the reader thread ---------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, payload, stats = self._outputs.recv()
+            except (EOFError, OSError):
+                self._fail_all(
+                    "the engine process exited"
+                    if self._process.exitcode is None
+                    else f"the engine process exited with code {self._process.exitcode}"
+                )
+                return
+            if kind == "stopped":
+                return
+            self._stats = stats
+            outputs = []
+            with self._lock:
+                for sid, tokens, logprobs, prompt_logprobs, finish_reason, error in payload:
+                    request = self._seqs.pop(sid) if finish_reason is not None else self._seqs.get(sid)
+                    if request is not None:
+                        outputs.append(Output(request, tokens, logprobs, prompt_logprobs, finish_reason, error))
+            if outputs:
+                self.on_outputs(outputs)
+
+    def _fail_all(self, message: str) -> None:
+        self._dead = message
+        with self._lock:
+            failed = [Output(r, [], finish_reason="error", error=message) for r in self._seqs.values()]
+            self._seqs.clear()
+        if failed:
+            self.on_outputs(failed)
+
+
+def build_process_service(spec: ModelSpec, model_id: str, config: ServeConfig) -> Service:
+    """The Service over an engine process (started and warmed up; outputs flow after start())."""
+    holder: list[Service] = []
+    engine = EngineProcess(spec, config, lambda outputs: holder[0].on_outputs(outputs))
+    holder.append(Service(engine, model_id, engine.info["block_size"], engine.info["vocab_size"]))
+    return holder[0]
+
+
+# --- the child process -----------------------------------------------------------------------------
+
+
+def _child_main(spec: ModelSpec, config: dict, commands, outputs) -> None:
+    """The engine process's entry point (its application shell): load, warm up, then run the
+    engine until told to stop."""
+    try:
+        import torch
+
+        from gpt2.device import compute_dtype, pick_device
+        from gpt2.model import GPT
+        from gpt2.serve.server import build_engine, warm_up_engine
+
+        t0 = time.perf_counter()
+        torch.set_grad_enabled(False)
+        device = pick_device(spec.device)
+        if device.type == "cuda" and device.index is not None:  # "cuda" alone: the current device
+            torch.cuda.set_device(device)
+        model = GPT.from_pretrained(spec.model, device=device, dtype=compute_dtype(spec.dtype, device)).eval()
+        load_s = time.perf_counter() - t0
+        send_lock = threading.Lock()  # the engine thread sends outputs, the main thread the last message
+        live = threading.Event()  # off during warm-up: its outputs have nobody to go to
+
+        def on_outputs(outs: list[Output]) -> None:
+            if live.is_set():
+                payload = [
+                    (o.request.handle, o.tokens, o.logprobs, o.prompt_logprobs, o.finish_reason, o.error) for o in outs
+                ]
+                with send_lock:
+                    outputs.send(("outputs", payload, engine.stats()))
+
+        # the HTTP process bounds the queue; this one must never refuse what it was sent
+        config = ServeConfig(**{**config, "max_queue": config["max_queue"] + config["max_batch"]})
+        engine = build_engine(model, config, on_outputs)
+        info = {
+            "block_size": model.config.block_size,
+            "vocab_size": model.config.vocab_size,
+            "device": str(device),
+            "dtype": str(next(model.parameters()).dtype),
+            "load_s": load_s,
+            **warm_up_engine(engine),
+        }
+        gc.collect()  # start-up objects out of the garbage collector's walks, as gpt2 serve does
+        gc.freeze()
+        live.set()
+        engine.start()
+        outputs.send(("ready", {**info, "stats": engine.stats()}))
+    except Exception as e:  # tell the parent instead of leaving it waiting
+        outputs.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    while True:
+        try:
+            kind, payload = commands.recv()
+        except (EOFError, OSError):  # the HTTP process is gone
+            kind = "stop"
+        if kind == "submit":
+            requests = [Request(**dict(zip(_FIELDS, fields[1:])), handle=fields[0]) for fields in payload]
+            try:
+                engine.submit(requests)
+            except Exception as e:
+                on_outputs([Output(r, [], finish_reason="error", error=f"{type(e).__name__}: {e}") for r in requests])
+        elif kind == "cancel":
+            engine.cancel(payload)
+        else:
+            engine.stop()
+            with send_lock:
+                try:
+                    outputs.send(("stopped", None, engine.stats()))
+                except OSError:
+                    pass
+            return

@@ -1,0 +1,130 @@
+"""`gpt2 serve`'s default: the engine in its own process (tiny model, CPU). Answers equal the
+in-process engine's, streams and disconnects work across the pipes, the queue is bounded, and a
+dead engine process fails its requests instead of hanging them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from gpt2 import GPT, GPTConfig  # noqa: E402
+from gpt2.serve.process import ModelSpec, build_process_service  # noqa: E402
+from gpt2.serve.server import ServeConfig, ServerThread, build_service, warm_up  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_name("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    service = build_process_service(ModelSpec(str(checkpoint), "cpu"), "m", ServeConfig(max_batch=4, max_queue=8))
+    with ServerThread(service) as url:
+        yield url, service
+
+
+BODIES = [
+    {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "logprobs": 2},
+    {"prompt": [[15496, 11], [40, 716]], "n": 2, "max_tokens": 6, "temperature": 0.9, "top_p": 0.9, "seed": 5},
+    {"prompt": "The capital", "max_tokens": 0, "echo": True, "logprobs": 1},
+]
+
+
+def test_answers_equal_the_in_process_engines(server):
+    url, _ = server
+    reference = build_service(tiny_model(), "m", ServeConfig(max_batch=4, max_queue=8))
+    warm_up(reference)
+    with ServerThread(reference) as ref_url:
+        for body in BODIES:
+            ours = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+            theirs = httpx.post(f"{ref_url}/v1/completions", json=body, timeout=60).json()
+            for key in ("id", "created"):
+                ours.pop(key), theirs.pop(key)
+            assert ours == theirs
+
+
+def test_streams_and_health_across_the_pipes(server):
+    url, service = server
+    body = {"prompt": "Hi", "max_tokens": 5, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and len(events) == 7  # 5 tokens, the finish chunk, DONE
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+    health = httpx.get(f"{url}/health").json()
+    assert health["running"] == 0 and health["tokens"] > 0
+
+
+def test_the_queue_bound_counts_slots_and_queue(server):
+    url, service = server
+    from gpt2.serve.engine import QueueFull, Request
+
+    engine = service.engine
+    with engine._lock:  # pretend 4 running + 8 waiting sequences are unfinished
+        saved = dict(engine._seqs)
+        engine._seqs.update({-i: None for i in range(1, 13)})
+    try:
+        with pytest.raises(QueueFull):
+            engine.submit([Request([1], 2)])
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 429
+    finally:
+        with engine._lock:
+            engine._seqs.clear()
+            engine._seqs.update(saved)
+
+
+def test_a_dead_engine_process_fails_requests(checkpoint):
+    service = build_process_service(ModelSpec(str(checkpoint), "cpu"), "m", ServeConfig(max_batch=2))
+    with ServerThread(service) as url:
+        service.engine._process.kill()
+        service.engine._process.join()
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 500 and "engine process" in r.json()["error"]["message"]
+
+
+def test_gpt2_serve_starts_answers_and_stops_cleanly(checkpoint):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from gpt2.serve.server import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "gpt2", "serve", "--model", str(checkpoint), "--device", "cpu", "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "gpt2 serve did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=60)
+    assert server.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal after a clean shutdown
+    assert "engine process" in out and "Application shutdown complete" in out
