@@ -14,16 +14,9 @@ import torch.multiprocessing as mp
 
 from gpt2.training.muon import NS_COEFFS, Muon, default_ns_dtype, newton_schulz
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPES = [(48, 16), (16, 48), (32, 32)]  # tall, wide, square
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls run fastest on one thread, and a busy 2-core machine cannot stall an OpenMP barrier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ns64(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -135,7 +128,7 @@ def test_exact_resume_through_state_dict():
     buffer = io.BytesIO()
     torch.save({"params": [p.detach() for p in first], "optimizer": opt1.state_dict()}, buffer)
     buffer.seek(0)
-    saved = torch.load(buffer)
+    saved = torch.load(buffer, weights_only=True)
     resumed, opt2 = make_optimizer(seed=7)  # different weights, overwritten from the save
     with torch.no_grad():
         for p, q in zip(resumed, saved["params"]):
@@ -227,6 +220,6 @@ def _shared_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_shared_newton_schulz_on_two_gloo_processes_matches_unshared(tmp_path):
     mp.spawn(_shared_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for a, b, c in zip(r0["alone"], r0["shared"], r1["shared"]):
         assert torch.equal(a, b) and torch.equal(b, c)  # same bits as unshared, on every rank

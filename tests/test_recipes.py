@@ -16,32 +16,19 @@ import torch
 
 from gpt2 import GPT, GPTConfig
 from gpt2.cli import main as cli_main
-from gpt2.data import write_shard
 from gpt2.metrics import read_metrics
 from gpt2.training import TrainingConfig, build_config, build_optimizer, lr_at, lr_factor, main, micro_steps
 from gpt2.training.muon import Muon
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 128
 MUON = dict(optimizer="muon", muon_lr=0.01, embedding_lr=3e-3, scalar_lr=3e-3, position_lr=1e-3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
-def data(tmp_path) -> Path:
-    root = tmp_path / "data"
-    root.mkdir()
-    stream = np.tile(np.random.default_rng(0).integers(0, VOCAB, size=97), 300)
-    write_shard(root / "t_val_000000.bin", stream[:3000], vocab_size=VOCAB)
-    write_shard(root / "t_train_000001.bin", stream[3000:], vocab_size=VOCAB)
-    return root
+def data(pattern_data: Path) -> Path:
+    return pattern_data  # conftest: 128-token pattern shards
 
 
 def tiny(data: Path, out: Path, **overrides) -> TrainingConfig:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -27,11 +26,11 @@ from gpt2.checkpoint import (
     read_run_state,
 )
 from gpt2.cli import main as cli_main
-from gpt2.data import write_shard
 from gpt2.metrics import read_metrics
 from gpt2.training import build_config
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 128
 TINY = ["--model", "tiny", "--vocab_size", str(VOCAB), "--device", "cpu", "--tensorboard", "false", "--plot", "false"]
 TINY += ["--micro_batch_size", "2", "--seq_len", "16", "--total_batch_size", "64", "--max_lr", "3e-3"]
@@ -39,23 +38,9 @@ TINY += ["--warmup_steps", "2", "--eval_interval", "2", "--val_steps", "1", "--s
 TINY += ["--hellaswag_interval", "0", "--keep_last_k", "0", "--log_interval", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
-def data(tmp_path) -> Path:
-    root = tmp_path / "data"
-    root.mkdir()
-    pattern = np.random.default_rng(0).integers(0, VOCAB, size=97)
-    stream = np.tile(pattern, 240)
-    write_shard(root / "t_val_000000.bin", stream[:3000], vocab_size=VOCAB)
-    write_shard(root / "t_train_000001.bin", stream[3000:], vocab_size=VOCAB)
-    return root
+def data(pattern_data: Path) -> Path:
+    return pattern_data  # conftest: 128-token pattern shards
 
 
 def train(*args: str, capsys) -> tuple[int, str, str]:

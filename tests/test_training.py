@@ -38,17 +38,10 @@ from gpt2.training import (
     train,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core machine cannot stall an OpenMP barrier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_shards(root: Path, train_tokens: int = 20_000, val_tokens: int = 3_000, vocab: int = VOCAB) -> Path:

@@ -123,6 +123,17 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def to_host(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Asynchronous copies of device tensors into pinned host memory (plain copies on a CPU)."""
+    if tensors[0].device.type != "cuda":
+        return tuple(t.clone() for t in tensors)
+    out = []
+    for t in tensors:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.append(host.copy_(t, non_blocking=True))
+    return tuple(out)
+
+
 def decode_step(model: GPT, cache: SlotCache, state: DecodeState, out: Tensor, B: int, L: int, mode: int) -> Tensor:
     """One token for slots 0..B-1, keys read up to column L: next tokens go to out[:B] and to
     state.token, and every row advances. Rows of no live sequence compute garbage that nothing

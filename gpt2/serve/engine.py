@@ -32,10 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gpt2.serve.batch import BatchDecoder, to_device
-from gpt2.serve.sampling import mode_of, sample_rows, top_logprobs
-
-TopLogprobs = list[tuple[int, float]]  # (token id, log p), most likely first
+from gpt2.serve.batch import BatchDecoder, to_device, to_host
+from gpt2.serve.sampling import TopLogprobs, logprob_list, mode_of, sample_rows, top_logprobs
 
 
 @dataclass
@@ -284,7 +282,7 @@ class Engine:
             r = reqs[i]
             target = to_device(torch.tensor(r.prompt[1:]), self.device)
             logits = d.logits_of(hidden[i, : len(r.prompt) - 1])  # (P - 1, V)
-            pending.prompt_logprobs[i] = _to_host(top_logprobs(logits, target, max(1, r.prompt_logprobs)))
+            pending.prompt_logprobs[i] = to_host(top_logprobs(logits, target, max(1, r.prompt_logprobs)))
         self._record(pending)
         for s in seqs:
             s.launched = min(1, s.request.max_tokens)
@@ -320,7 +318,7 @@ class Engine:
     ) -> _Pending:
         """Start copying a pass's tokens (and, when asked for, log-probabilities) to the host."""
         want = [s.request.logprobs for _, s in seqs if s.request.logprobs is not None]
-        logprobs = _to_host(top_logprobs(logits, tokens, max(1, *want))) if want else None
+        logprobs = to_host(top_logprobs(logits, tokens, max(1, *want))) if want else None
         if len(self._pending) >= _RING - 1:  # the ring would overwrite a pass not read yet: a bug, not a load
             raise RuntimeError(f"{len(self._pending)} passes in flight; the host buffer ring holds {_RING}")
         i = next(self._ring)
@@ -346,7 +344,7 @@ class Engine:
             r = seq.request
             out = Output(r, [])
             if p.first and r.prompt_logprobs is not None:
-                out.prompt_logprobs = _logprob_list(p.prompt_logprobs.get(row), r.prompt_logprobs, r.prompt[1:])
+                out.prompt_logprobs = logprob_list(p.prompt_logprobs.get(row), r.prompt_logprobs, r.prompt[1:])
             if r.max_tokens == 0:
                 self._finish(seq, out, outputs, "length")
                 continue
@@ -357,7 +355,7 @@ class Engine:
                 continue
             out.tokens.append(token)
             if r.logprobs is not None:
-                out.logprobs = _logprob_list(p.logprobs, r.logprobs, [token], rows=[row])
+                out.logprobs = logprob_list(p.logprobs, r.logprobs, [token], rows=[row])
             if seq.received == r.max_tokens:
                 self._finish(seq, out, outputs, "length")
             else:
@@ -381,27 +379,3 @@ class Engine:
 
 
 _RING = 8  # host buffers / events for passes in flight (at most 3 at once)
-
-
-def _to_host(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Asynchronous copies of device tensors into pinned host memory (plain copies on a CPU)."""
-    if tensors[0].device.type != "cuda":
-        return tuple(t.clone() for t in tensors)
-    out = []
-    for t in tensors:
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        out.append(host.copy_(t, non_blocking=True))
-    return tuple(out)
-
-
-def _logprob_list(
-    lp: tuple[Tensor, Tensor, Tensor] | None, k: int, targets: list[int], rows: list[int] | None = None
-) -> list[tuple[float, TopLogprobs]]:
-    """[(log p of target, [(id, log p)] * k)] per target from (chosen, top values, top ids) tensors."""
-    if lp is None:
-        return [(float("nan"), []) for _ in targets]
-    chosen, values, ids = lp
-    if rows is not None:
-        chosen, values, ids = chosen[rows], values[rows], ids[rows]
-    chosen, values, ids = chosen.tolist(), values[:, :k].tolist(), ids[:, :k].tolist()
-    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids, values)]

@@ -26,6 +26,8 @@ from torch import Tensor
 GREEDY, SAMPLE, FILTER = 0, 1, 2  # step modes: argmax only; + temperature; + top-k / top-p
 _M32 = 0xFFFFFFFF
 
+TopLogprobs = list[tuple[int, float]]  # (token id, log p), most likely first
+
 
 def _mix32(x: Tensor) -> Tensor:
     """A 32-bit avalanche mix (xor-shift-multiply rounds) of x, elementwise; x in [0, 2**32)."""
@@ -110,3 +112,16 @@ def mode_of(temperature: float, top_k: int | None, top_p: float | None, vocab_si
     if (top_k is not None and top_k < vocab_size) or (top_p is not None and top_p < 1.0):
         return FILTER
     return SAMPLE
+
+
+def logprob_list(
+    lp: tuple[Tensor, Tensor, Tensor] | None, k: int, targets: list[int], rows: list[int] | None = None
+) -> list[tuple[float, TopLogprobs]]:
+    """[(log p of target, [(id, log p)] * k)] per target from (chosen, top values, top ids) tensors."""
+    if lp is None:
+        return [(float("nan"), []) for _ in targets]
+    chosen, values, ids = lp
+    if rows is not None:
+        chosen, values, ids = chosen[rows], values[rows], ids[rows]
+    chosen, values, ids = chosen.tolist(), values[:, :k].tolist(), ids[:, :k].tolist()
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids, values)]
