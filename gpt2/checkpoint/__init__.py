@@ -43,8 +43,6 @@ from gpt2.checkpoint.layout import (
     verified,
 )
 
-CONFIG_FILE = TRAIN_CONFIG  # the name gpt2.checkpoint used for train_config.json before the split
-
 __all__ = [
     "DamagedCheckpointError",
     "RunLock",
@@ -60,7 +58,6 @@ __all__ = [
     "verified",
     "write_run_state",
     "CHECKPOINTS",
-    "CONFIG_FILE",
     "METRICS",
     "STATE_FILE",
     "STATE_FORMAT",
