@@ -108,7 +108,7 @@ def plan_run(cfg: TrainingConfig, world_size: int = 1) -> RunPlan:
         if resume_from is not None:
             verified(resume_from)  # every file against its sha256: never train on a damaged checkpoint
             check_same_model(resume_from, cfg.model_config())
-            check_same_data(resume_from, cfg)  # and the same optimizer
+            check_same_run(resume_from, cfg)
     plan = RunPlan(replace(cfg, out_dir=str(run_dir)), run_dir, resume_from, accum, world_size)
     check_data(plan)
     return plan
@@ -125,7 +125,7 @@ def check_same_model(ckpt: Path, model_config: GPTConfig) -> None:
         )
 
 
-def check_same_data(ckpt: Path, cfg: TrainingConfig) -> None:
+def check_same_run(ckpt: Path, cfg: TrainingConfig) -> None:
     """A run continues with its own optimizer (the checkpoint holds that one's state) and on its own
     data: a --data file other than the one it tokenized is refused (its RUN_DIR/data would be used)."""
     saved_config = load_train_config(ckpt)

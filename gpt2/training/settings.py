@@ -70,9 +70,9 @@ def _to_bool(value: Any, where: str) -> bool:
 
 def _to_int(value: Any, where: str) -> int:
     """Whole numbers: 524288, 524_288, 5e5, 2**19 (parsed, never evaluated)."""
-    number: float | int | None = None
+    number: float | int | None = None  # a bool is not a count (True would pass as 1)
     if isinstance(value, bool):
-        number = None
+        pass
     elif isinstance(value, int):
         number = value
     elif isinstance(value, float) and value.is_integer():
