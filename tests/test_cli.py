@@ -67,3 +67,18 @@ def test_generate_bad_input_is_one_line(hf_dir, args, message):
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--decode-kernels", "fused", "--device", "cpu"], "--decode-kernels fused needs a CUDA device"),
+        (["--decode-kernels", "fused", "--compile"], "--compile applies to the PyTorch decode step"),
+    ],
+)
+def test_serve_refuses_decode_kernels_it_cannot_run_before_loading(args, message):
+    pytest.importorskip("uvicorn")
+    r = gpt2("serve", "--model", "no-such-dir-so-loading-would-fail", *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -33,7 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute (and weight) precision")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step before capturing it")
+    parser.add_argument(
+        "--decode-kernels",
+        choices=["auto", "fused", "torch"],
+        default="auto",
+        help="decode step: gpt2.kernels' fused Triton kernels (auto: on CUDA with triton) or the model's forward",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the PyTorch decode step before capturing it"
+    )
     parser.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA too")
     parser.add_argument(
         "--batch-invariant",
@@ -62,12 +70,14 @@ def run(args: argparse.Namespace) -> int:
     from gpt2.serve.server import ServeConfig, run_server
 
     device = pick_device(args.device)  # checked here; the engine process opens it
+    check_decode_kernels(args, device)
     config = ServeConfig(
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens,
         cuda_graph=False if args.no_cuda_graph else None,
         compile=args.compile,
+        fused={"auto": None, "fused": True, "torch": False}[args.decode_kernels],
         batch_invariant=args.batch_invariant,
     )
     torch.set_grad_enabled(False)
@@ -82,14 +92,29 @@ def run(args: argparse.Namespace) -> int:
     where = "engine thread" if args.engine_thread else "engine process"
     print(
         f"gpt2 serve: {service.model_id} on {info['device']} ({info['dtype']}, {where}), max batch "
-        f"{args.max_batch}; warm-up {info['warmup_s']:.1f} s, {info['graphs']} CUDA graphs in "
-        f"{info['capture_s']:.1f} s; {http_stack()}; http://{args.host}:{args.port}/",
+        f"{args.max_batch}, decode step: {info['decode']}; warm-up {info['warmup_s']:.1f} s, "
+        f"{info['graphs']} CUDA graphs in {info['capture_s']:.1f} s; {http_stack()}; http://{args.host}:{args.port}/",
         file=sys.stderr,
         flush=True,
     )
     tune_process()
     run_server(service, args.host, args.port, access_log=args.access_log)
     return 0
+
+
+def check_decode_kernels(args: argparse.Namespace, device) -> None:
+    """--decode-kernels fused where it cannot run, or with --compile: say so before loading anything."""
+    from gpt2 import kernels
+
+    if args.decode_kernels != "fused":
+        return
+    if args.compile:
+        raise ValueError("--compile applies to the PyTorch decode step: use it with --decode-kernels torch or auto")
+    if not kernels.available(device):
+        raise ValueError(
+            f"--decode-kernels fused needs a CUDA device and the triton package (device: {device}); "
+            "use --decode-kernels torch"
+        )
 
 
 def _engine_in_this_process(args, device, model_id: str, config):

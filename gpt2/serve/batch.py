@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gpt2 import kernels
 from gpt2.model import GPT
 from gpt2.serve.sampling import FILTER, GREEDY, SAMPLE, sample_rows
 
@@ -147,11 +148,35 @@ def decode_step(model: GPT, cache: SlotCache, state: DecodeState, out: Tensor, B
     logits, _ = model(s.token[:B, None], positions=pos[:, None], cache=cache)  # (B, 1, V)
     logits = logits[:, -1, :]  # (B, V)
     nxt = sample_rows(logits, s.temperature[:B], s.top_k[:B], s.top_p[:B], s.seed[:B], s.index[:B], mode)
+    _advance(s, B, nxt, out, cache.block_size)
+    return logits
+
+
+def fused_decode_step(
+    model: GPT, cache: SlotCache, state: DecodeState, out: Tensor, B: int, L: int, mode: int
+) -> Tensor:
+    """decode_step in gpt2.kernels' fused kernels (CUDA + triton): 5 kernels per layer instead of
+    ~14, and a greedy step's end (argmax, next input, positions) in two. Each row reads its own
+    columns 0..pos[b]; L (a length bucket) only chooses whether attention is split over them."""
+    from gpt2.kernels.decode import decode_logits, greedy_advance
+
+    s = state
+    split = kernels.split_attention(B, model.config.n_head, L, s.pos.device)
+    logits = decode_logits(model, cache.k, cache.v, s.token[:B], s.pos[:B], split)  # (B, V)
+    if mode == GREEDY:
+        greedy_advance(logits, out, s.token, s.pos, s.index, cache.block_size - 1)
+        return logits
+    nxt = sample_rows(logits, s.temperature[:B], s.top_k[:B], s.top_p[:B], s.seed[:B], s.index[:B], mode)
+    _advance(s, B, nxt, out, cache.block_size)
+    return logits
+
+
+def _advance(s: DecodeState, B: int, nxt: Tensor, out: Tensor, block_size: int) -> None:
+    """After a step: its tokens (B,) to out and to the next input; every row moves one column on."""
     out[:B].copy_(nxt)
     s.token[:B].copy_(nxt)
-    s.pos[:B].add_(1).clamp_(max=cache.block_size - 1)  # a dead row never runs off the positions
+    s.pos[:B].add_(1).clamp_(max=block_size - 1)  # a dead row never runs off the positions
     s.index[:B].add_(1)
-    return logits
 
 
 class BatchDecoder:
@@ -173,8 +198,16 @@ class BatchDecoder:
         min_length_bucket: int = 64,
         max_prefill_tokens: int = 4096,
         min_prompt_bucket: int = 16,
+        fused: bool | None = None,
     ) -> None:
         p = next(model.parameters())
+        if fused is None:
+            fused = not compile and kernels.available(p.device)
+        if fused and compile:
+            raise ValueError("compile applies to the PyTorch decode step; the fused one is already kernels")
+        if fused and not kernels.available(p.device):
+            raise ValueError("the fused decode kernels need a CUDA device and the triton package")
+        self.fused = fused
         self.model, self.device, self.dtype = model, p.device, p.dtype
         self.max_batch = max_batch
         self.block_size = model.config.block_size
@@ -183,7 +216,10 @@ class BatchDecoder:
         self.out = torch.zeros(max_batch + 1, dtype=torch.long, device=self.device)  # last step's tokens
         self.logits = torch.zeros(max_batch, model.config.vocab_size, dtype=self.dtype, device=self.device)
         self.batch_buckets = buckets(max_batch)
-        self.length_buckets = buckets(self.block_size, start=min(min_length_bucket, self.block_size))
+        if fused:  # short rows, and the rest (where attention may be split over the columns)
+            self.length_buckets = sorted({min(kernels.SHORT_ROWS, self.block_size), self.block_size})
+        else:
+            self.length_buckets = buckets(self.block_size, start=min(min_length_bucket, self.block_size))
         self.prompt_buckets = buckets(self.block_size, start=min(min_prompt_bucket, self.block_size))
         self.max_prefill_tokens = max_prefill_tokens
         # prefill inputs: tokens of the padded (rows, T) batch (flat, so every shape is a contiguous
@@ -195,7 +231,9 @@ class BatchDecoder:
         self.pf_logits = torch.zeros(max_batch, model.config.vocab_size, dtype=self.dtype, device=self.device)
         self.causal: dict[int, Tensor] = {}  # prompt bucket T -> (1, 1, T, T) causal mask, made once
         self.use_graph = cuda_graph
-        self.step_fn = torch.compile(decode_step, dynamic=True) if compile else decode_step
+        self.step_fn = (
+            fused_decode_step if fused else torch.compile(decode_step, dynamic=True) if compile else decode_step
+        )
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self.prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 

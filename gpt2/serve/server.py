@@ -23,7 +23,8 @@ class ServeConfig:
     max_queue: int = 1024  # sequences waiting for a slot before requests get 429
     max_prefill_tokens: int = 4096  # prompt tokens prefilled per step boundary (bounds the stall)
     cuda_graph: bool | None = None  # None: on for CUDA
-    compile: bool = False  # torch.compile the decode step before capture
+    compile: bool = False  # torch.compile the decode step before capture (the PyTorch step only)
+    fused: bool | None = None  # the decode step in gpt2.kernels (None: where they run and compile is off)
     batch_invariant: bool = False  # exact results whatever the batch (fixed decode shape, prefill one by one)
 
 
@@ -40,6 +41,7 @@ def build_engine(model: GPT, config: ServeConfig, on_outputs) -> Engine:
         config.max_batch,
         cuda_graph=graph,
         compile=config.compile,
+        fused=config.fused,
         max_prefill_tokens=config.max_prefill_tokens,
     )
     return Engine(
@@ -55,14 +57,15 @@ def build_service(model: GPT, model_id: str, config: ServeConfig) -> Service:
     return holder[0]
 
 
-def warm_up(service: Service) -> dict[str, float]:
+def warm_up(service: Service) -> dict[str, float | int | str]:
     """warm_up_engine for a Service whose engine runs in this process."""
     return warm_up_engine(service.engine)
 
 
-def warm_up_engine(engine: Engine) -> dict[str, float]:
+def warm_up_engine(engine: Engine) -> dict[str, float | int | str]:
     """Before serving: run a few requests through every sampling mode and capture the graphs, so
-    the first client pays no one-time costs. Returns seconds spent per part."""
+    the first client pays no one-time costs (Triton's kernels compile here too). Returns seconds
+    spent per part, the number of graphs and which decode step runs."""
     times = {}
     t0 = time.perf_counter()
     block = engine.decoder.block_size
@@ -81,6 +84,7 @@ def warm_up_engine(engine: Engine) -> dict[str, float]:
     n = engine.decoder.capture_all()
     engine.sync()
     times["graphs"], times["capture_s"] = n, time.perf_counter() - t0
+    times["decode"] = "fused kernels" if engine.decoder.fused else "PyTorch"
     return times
 
 

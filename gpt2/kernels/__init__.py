@@ -1,0 +1,36 @@
+"""Hand-written Triton kernels for the decode step (CUDA; optional: needs the `triton` package).
+
+A decode step feeds one token per sequence, so each of its ~170 PyTorch kernels does almost
+nothing and costs its launch: on an H200 a GPT-2 124M step at batch 1 was 170 kernels, 584 us of
+GPU time for 248 MB of weights that the card reads in ~75 us (benchmarks/NOTES.md). gpt2.kernels
+computes the same step in 5 kernels per layer (LayerNorm fused into the matmul that reads it,
+bias, GELU and the residual add fused into the matmul that makes them, attention for one query
+fused with the write of its key and value into the cache), reading the model's own parameters:
+the architecture and the weights are untouched, only the order of floating-point operations
+differs (tested against the model's forward on the same inputs).
+
+`ops` holds the kernels and their launchers; `decode` the step built from them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the fused kernels can run on device: CUDA with triton installed."""
+    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return cuda and importlib.util.find_spec("triton") is not None
+
+
+SHORT_ROWS = 256  # rows no longer than this attend in one program per row and head (see split_attention)
+
+
+def split_attention(M: int, n_head: int, length: int, device: torch.device) -> bool:
+    """Whether M rows of up to `length` columns should split attention over the columns: only when
+    rows are long and M * n_head programs would leave most SMs idle (measured on an H200, GPT-2
+    124M at M=1: one program per head takes 3.4 us at 128 columns but 16 us at 1,000; split, ~5)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return length > SHORT_ROWS and M * n_head < 2 * sms
