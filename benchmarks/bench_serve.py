@@ -7,8 +7,10 @@ HuggingFace transformers' generate, plus the raw decode step and `gpt2 generate`
    aggregate new tokens/s (all tokens / wall time of the level), TTFT and inter-token latency
    percentiles (one SSE event per token; events that arrive in one read have ~0 gaps, as a client
    sees them), and the server's peak GPU memory (/health).
-2. step: the decode step alone (BatchDecoder, as the server captures it) at batch 1 and 32:
-   median of CUDA-event timed graph replays (eager steps on a CPU).
+2. step: the decode step alone (BatchDecoder, as the server captures it) at batch 1 and 32, every
+   row at one position (the middle of the load test's answers, 512, and near the end of the
+   context), fused kernels (the default) and the model's own forward: median of CUDA-event timed
+   graph replays (eager steps on a CPU).
 3. hf: transformers.GPT2LMHeadModel.generate (greedy, KV cache, min_new_tokens = max_new_tokens)
    on the same weights at batch 1 and 16.
 4. generate (CUDA only): `gpt2 generate` end to end in a fresh process for a few answer lengths,
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import multiprocessing as mp
 import os
 import re
@@ -63,7 +66,7 @@ PRESETS = {
         step_batches="1,32",
         hf_batches="1,16",
         generate_lengths="16,256",
-        budgets=dict(load=120, step=20, hf=30, generate=50),
+        budgets=dict(load=120, step=45, hf=30, generate=50),
     ),
     "quick": dict(
         concurrency="1,32",
@@ -73,7 +76,7 @@ PRESETS = {
         step_batches="1,32",
         hf_batches="1",
         generate_lengths="16",
-        budgets=dict(load=50, step=10, hf=10, generate=20),
+        budgets=dict(load=50, step=25, hf=10, generate=20),
     ),
 }
 
@@ -343,38 +346,44 @@ def step_benchmark(args, model_dir: Path, device: torch.device, deadline: float)
 
     model = GPT.from_pretrained(model_dir, device=device, dtype=compute_dtype(args.dtype, device)).eval()
     batches = [int(b) for b in args.step_batches.split(",")]
-    length = min(args.prompt_len + args.new_tokens, model.config.block_size)
+    block = model.config.block_size
+    # every row at one position: the middle of the load test's answers, and two longer ones
+    positions = sorted({min(args.prompt_len + args.new_tokens // 2, block - 1), min(512, block - 1), block - 24})
+    paths = [("fused", dict(cuda_graph=True)), ("torch", dict(cuda_graph=True, fused=False))]
+    if device.type != "cuda":
+        paths = [("eager", {})]
+    elif args.compile:
+        paths = [("torch-compile", dict(cuda_graph=True, compile=True))]
     rows = []
-    for graph in [True, False] if device.type == "cuda" else [False]:
-        dec = BatchDecoder(model, max(batches), cuda_graph=graph, compile=args.compile)
-        B_L = [dec.shape_for(b, length) for b in batches]
-        for B, L in B_L:
-            for mode in (GREEDY, SAMPLE):
-                if time.perf_counter() > deadline:
-                    rows.append(
-                        [B, L, "greedy" if mode == GREEDY else "sample", "graph" if graph else "eager", "skipped"]
-                    )
-                    continue
-                if graph:
-                    dec._capture(B, L, mode, torch.cuda.graph_pool_handle())
-                ms = time_step(dec, B, L, mode, device)
-                rows.append(
-                    [B, L, "greedy" if mode == GREEDY else "sample", "graph" if graph else "eager", f"{ms:.3f}"]
-                )
-                print(f"  step B={B} L={L} {rows[-1][2]} {rows[-1][3]}: {ms:.3f} ms", flush=True)
+    for path, kwargs in paths:
+        dec = BatchDecoder(model, max(batches), **kwargs)
+        for B, pos, mode in itertools.product(batches, positions, (GREEDY, SAMPLE)):
+            name = "greedy" if mode == GREEDY else "sample"
+            if time.perf_counter() > deadline:
+                rows.append([B, pos, name, path, "skipped"])
+                continue
+            Bb, L = dec.shape_for(B, pos + 1)
+            if dec.use_graph and (Bb, L, mode) not in dec.graphs:
+                dec._capture(Bb, L, mode, torch.cuda.graph_pool_handle())
+            ms = time_step(dec, Bb, L, pos, mode, device)
+            rows.append([B, pos, name, path, f"{ms:.3f}"])
+            print(f"  step B={B} pos={pos} {name} {path}: {ms:.3f} ms", flush=True)
         del dec
-    note = "median ms per decode step; L = key columns read (the length bucket of prompt + new tokens)"
-    return f"Decode step ({note}):\n\n" + table(["batch", "L", "mode", "path", "ms/step"], rows)
+    note = (
+        "median ms per decode step (a CUDA graph replay on CUDA) with every row at that position; fused: "
+        "gpt2.kernels (the server's default on CUDA), torch: the model's own forward"
+    )
+    return f"Decode step ({note}):\n\n" + table(["batch", "position", "mode", "path", "ms/step"], rows)
 
 
 @torch.no_grad()
-def time_step(dec, B: int, L: int, mode: int, device: torch.device, n: int = 200) -> float:
-    dec.state.pos.fill_(L // 2)  # rows mid-way through the bucket; positions stay < L over the run
+def time_step(dec, B: int, L: int, pos: int, mode: int, device: torch.device, n: int = 200) -> float:
     for _ in range(10):
+        dec.state.pos.fill_(pos)
         dec.step(B, L, mode)
     times = []
     for _ in range(n if device.type == "cuda" else 20):
-        dec.state.pos.fill_(L // 2)
+        dec.state.pos.fill_(pos)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
