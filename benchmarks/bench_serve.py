@@ -50,7 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, append_results, environment, table  # noqa: E402
+from benchmarks.common import RESULTS, append_results, environment, table, time_decode_step  # noqa: E402
 from gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2.serve.server import free_port  # noqa: E402
 
@@ -365,7 +365,7 @@ def step_benchmark(args, model_dir: Path, device: torch.device, deadline: float)
             Bb, L = dec.shape_for(B, pos + 1)
             if dec.use_graph and (Bb, L, mode) not in dec.graphs:
                 dec._capture(Bb, L, mode, torch.cuda.graph_pool_handle())
-            ms = time_step(dec, Bb, L, pos, mode, device)
+            ms = time_decode_step(dec, Bb, L, pos, mode, device)
             rows.append([B, pos, name, path, f"{ms:.3f}"])
             print(f"  step B={B} pos={pos} {name} {path}: {ms:.3f} ms", flush=True)
         del dec
@@ -374,28 +374,6 @@ def step_benchmark(args, model_dir: Path, device: torch.device, deadline: float)
         "gpt2.kernels (the server's default on CUDA), torch: the model's own forward"
     )
     return f"Decode step ({note}):\n\n" + table(["batch", "position", "mode", "path", "ms/step"], rows)
-
-
-@torch.no_grad()
-def time_step(dec, B: int, L: int, pos: int, mode: int, device: torch.device, n: int = 200) -> float:
-    for _ in range(10):
-        dec.state.pos.fill_(pos)
-        dec.step(B, L, mode)
-    times = []
-    for _ in range(n if device.type == "cuda" else 20):
-        dec.state.pos.fill_(pos)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dec.step(B, L, mode)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            dec.step(B, L, mode)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------------

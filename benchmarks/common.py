@@ -89,3 +89,27 @@ def append_results(path: Path, title: str, device: torch.device, body: str) -> N
         path.write_text("# Benchmark results\n\nAppended by the scripts in benchmarks/; newest last.\n")
     with path.open("a") as f:
         f.write(section)
+
+
+@torch.no_grad()
+def time_decode_step(dec, B: int, L: int, pos: int, mode: int, device: torch.device, n: int = 200) -> float:
+    """Median ms of one decode step of a gpt2.serve.batch.BatchDecoder at shape (B, L, mode), every
+    row at position pos: CUDA events around a step (a graph replay where captured), else wall time."""
+    for _ in range(10):
+        dec.state.pos.fill_(pos)
+        dec.step(B, L, mode)
+    times = []
+    for _ in range(n if device.type == "cuda" else 20):
+        dec.state.pos.fill_(pos)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dec.step(B, L, mode)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            dec.step(B, L, mode)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

@@ -12,7 +12,6 @@ the launches themselves cost inside the graph (gaps between tiny kernels).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import time_decode_step  # noqa: E402
 from gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2.serve.batch import BatchDecoder  # noqa: E402
 from gpt2.serve.sampling import FILTER, GREEDY, SAMPLE  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> int:
         n = sum(c for c, _ in kernels.values())
         total = sum(t for _, t in kernels.values())
         dec._capture(B, L, mode, torch.cuda.graph_pool_handle())
-        replay = time_replay(dec, B, L, pos, mode)
+        replay = time_decode_step(dec, B, L, pos, mode, torch.device("cuda"), n=300)
         print(f"\nB={B} pos={pos} L={L} {args.mode}: {n} kernels, {total:.1f} us of kernel time; ", end="")
         print(f"graph replay {replay * 1e3:.1f} us")
         print(f"{'launches':>8} {'us':>8}  kernel")
@@ -79,21 +79,6 @@ def profile(dec: BatchDecoder, B: int, L: int, pos: int, mode: int) -> dict[str,
             out[e.name][0] += 1
             out[e.name][1] += e.device_time_total
     return {k: (round(c / steps), t / steps) for k, (c, t) in out.items()}
-
-
-@torch.no_grad()
-def time_replay(dec: BatchDecoder, B: int, L: int, pos: int, mode: int, n: int = 300) -> float:
-    """Median ms of one graph replay (CUDA events), every row at position pos."""
-    times = []
-    for _ in range(n):
-        dec.state.pos.fill_(pos)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dec.step(B, L, mode)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 if __name__ == "__main__":
