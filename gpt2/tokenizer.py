@@ -130,8 +130,11 @@ def hf_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def write_hf_tokenizer_files(directory: Path, model_max_length: int = 1024) -> None:
-    """Write vocab.json, merges.txt and tokenizer_config.json so AutoTokenizer loads GPT-2's BPE."""
+def write_hf_tokenizer_files(directory: str | Path, model_max_length: int = 1024) -> None:
+    """Write vocab.json, merges.txt and tokenizer_config.json so AutoTokenizer loads GPT-2's BPE
+    (the directory is made if missing)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = hf_vocab_and_merges()
     atomic_write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")

@@ -70,3 +70,17 @@ def test_hf_files_equal_openais(reference):
     assert vocab == json.loads((cache / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6").read_text(encoding="utf-8"))
     bpe = (cache / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").read_text(encoding="utf-8").split("\n")
     assert bpe[1:-1] == merges
+
+
+def test_hf_tokenizer_files_load_in_transformers_and_encode_as_ours(tmp_path):
+    """write_hf_tokenizer_files takes a str or a Path, makes the directory, and GPT2TokenizerFast
+    reads it back to the same ids as ours (what lm-eval's local-completions is given)."""
+    transformers = pytest.importorskip("transformers")
+    from gpt2.tokenizer import write_hf_tokenizer_files
+
+    target = tmp_path / "new" / "tok"
+    write_hf_tokenizer_files(str(target))
+    hf = transformers.GPT2TokenizerFast.from_pretrained(target)
+    ours = Tokenizer()
+    for text in ("Hello world", " the quick brown fox", "naïve 日本 <|endoftext|>x"):
+        assert hf(text)["input_ids"] == ours.encode(text), text
