@@ -22,6 +22,13 @@ def test_fused_decode_refuses_a_device_it_cannot_run_on(tiny_model):
     assert not BatchDecoder(tiny_model, 4).fused  # auto: the PyTorch step where the kernels cannot run
 
 
+def test_the_kernels_take_power_of_two_heads():
+    assert kernels.supports(GPTConfig.from_name("gpt2")) and kernels.supports(GPTConfig.from_name("gpt2-xl"))
+    assert kernels.supports(GPTConfig.from_name("tiny"))  # head size 16
+    assert not kernels.supports(GPTConfig(n_embd=96, n_head=2))  # 48
+    assert not kernels.supports(GPTConfig(n_embd=64, n_head=8))  # 8
+
+
 def perturbed(name: str, dtype: torch.dtype, seed: int = 0) -> GPT:
     """A random model whose LayerNorms and biases are not at their init values (so they count)."""
     torch.manual_seed(seed)

@@ -25,6 +25,13 @@ def available(device: torch.device | str) -> bool:
     return cuda and importlib.util.find_spec("triton") is not None
 
 
+def supports(config) -> bool:
+    """Whether the kernels handle a model of this GPTConfig: the attention kernel holds one head
+    (head_dim values) in a power-of-two block, as every GPT-2 size (64) and preset has."""
+    hs = config.head_dim
+    return hs >= 16 and hs & (hs - 1) == 0
+
+
 SHORT_ROWS = 256  # rows no longer than this attend in one program per row and head (see split_attention)
 
 
