@@ -72,8 +72,8 @@ def test_generate_bad_input_is_one_line(hf_dir, args, message):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--decode-kernels", "fused", "--device", "cpu"], "--decode-kernels fused needs a CUDA device"),
-        (["--decode-kernels", "fused", "--compile"], "--compile applies to the PyTorch decode step"),
+        (["--decode-kernels", "fused", "--device", "cpu"], "fused decode kernels need a CUDA device"),
+        (["--decode-kernels", "fused", "--compile"], "compile applies to the PyTorch decode step"),
     ],
 )
 def test_serve_refuses_decode_kernels_it_cannot_run_before_loading(args, message):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -55,15 +57,20 @@ def step_inputs(model: GPT, positions: list[int], seed: int = 1) -> tuple[SlotCa
 
 def reference(model: GPT, cache: SlotCache, state: DecodeState, M: int) -> tuple[torch.Tensor, SlotCache]:
     """decode_step through GPT.forward (the unfused path), on copies; returns logits and the cache."""
-    c = SlotCache.__new__(SlotCache)
-    vars(c).update(vars(cache))
-    c.k, c.v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
-    s = DecodeState.__new__(DecodeState)
+    c = _cast(cache, cache.k[0].dtype)
+    s = copy.copy(state)
     vars(s).update({k: v.clone() for k, v in vars(state).items()})
-    out = torch.zeros_like(s.token)
     with torch.no_grad():
-        logits = decode_step(model, c, s, out, M, model.config.block_size, GREEDY)
+        logits = decode_step(model, c, s, torch.zeros_like(s.token), M, model.config.block_size, GREEDY)
     return logits.float(), c
+
+
+def _cast(cache: SlotCache, dtype: torch.dtype) -> SlotCache:
+    """A copy of cache with its keys, values and mask constants in dtype."""
+    c = copy.copy(cache)
+    c.k, c.v = [t.to(dtype, copy=True) for t in cache.k], [t.to(dtype, copy=True) for t in cache.v]
+    c.zero, c.neg_inf = cache.zero.to(dtype), cache.neg_inf.to(dtype)
+    return c
 
 
 @needs_kernels
@@ -97,14 +104,6 @@ def test_fused_step_equals_the_model_forward_within_rounding(name):
                 got, expect = mine[rows, :, cols].float(), want[rows, :, cols]
                 assert torch.allclose(got, expect, atol=1e-4 if dtype == torch.float32 else 0.1, rtol=0.02)
                 assert torch.equal(mine[~written], before[~written])  # and nowhere else
-
-
-def _cast(cache: SlotCache, dtype: torch.dtype) -> SlotCache:
-    c = SlotCache.__new__(SlotCache)
-    vars(c).update(vars(cache))
-    c.k, c.v = [t.to(dtype) for t in cache.k], [t.to(dtype) for t in cache.v]
-    c.zero, c.neg_inf = cache.zero.to(dtype), cache.neg_inf.to(dtype)
-    return c
 
 
 @needs_kernels

@@ -66,18 +66,21 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError("gpt2 serve needs the serve extra: pip install 'gpt2[serve]' (starlette, uvicorn)") from None
     import torch
 
+    from gpt2 import kernels
     from gpt2.device import pick_device
     from gpt2.serve.server import ServeConfig, run_server
 
     device = pick_device(args.device)  # checked here; the engine process opens it
-    check_decode_kernels(args, device)
+    fused = {"auto": None, "fused": True, "torch": False}[args.decode_kernels]
+    if fused:
+        kernels.use_fused(fused, args.compile, device)  # what cannot run is refused before loading
     config = ServeConfig(
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens,
         cuda_graph=False if args.no_cuda_graph else None,
         compile=args.compile,
-        fused={"auto": None, "fused": True, "torch": False}[args.decode_kernels],
+        fused=fused,
         batch_invariant=args.batch_invariant,
     )
     torch.set_grad_enabled(False)
@@ -100,21 +103,6 @@ def run(args: argparse.Namespace) -> int:
     tune_process()
     run_server(service, args.host, args.port, access_log=args.access_log)
     return 0
-
-
-def check_decode_kernels(args: argparse.Namespace, device) -> None:
-    """--decode-kernels fused where it cannot run, or with --compile: say so before loading anything."""
-    from gpt2 import kernels
-
-    if args.decode_kernels != "fused":
-        return
-    if args.compile:
-        raise ValueError("--compile applies to the PyTorch decode step: use it with --decode-kernels torch or auto")
-    if not kernels.available(device):
-        raise ValueError(
-            f"--decode-kernels fused needs a CUDA device and the triton package (device: {device}); "
-            "use --decode-kernels torch"
-        )
 
 
 def _engine_in_this_process(args, device, model_id: str, config):

@@ -32,6 +32,29 @@ def supports(config) -> bool:
     return hs >= 16 and hs & (hs - 1) == 0
 
 
+def use_fused(fused: bool | None, compile: bool, device: torch.device | str, config=None) -> bool:
+    """Resolve the choice of decode step: None means the fused kernels wherever they run (and
+    compile is off); True where they cannot run raises ValueError saying why. config (a GPTConfig)
+    is checked when given (gpt2 serve checks the rest before loading the model)."""
+    if fused is None:
+        return not compile and available(device) and (config is None or supports(config))
+    if fused and compile:
+        raise ValueError(
+            "compile applies to the PyTorch decode step, not the fused kernels: use --decode-kernels torch"
+        )
+    if fused and not available(device):
+        raise ValueError(
+            f"the fused decode kernels need a CUDA device and the triton package (device: {device}); "
+            "use --decode-kernels torch"
+        )
+    if fused and config is not None and not supports(config):
+        raise ValueError(
+            f"the fused decode kernels need a power-of-two head size >= 16, not {config.head_dim}; "
+            "use --decode-kernels torch"
+        )
+    return fused
+
+
 SHORT_ROWS = 256  # rows no longer than this attend in one program per row and head (see split_attention)
 
 

@@ -201,18 +201,7 @@ class BatchDecoder:
         fused: bool | None = None,
     ) -> None:
         p = next(model.parameters())
-        if fused is None:
-            fused = not compile and kernels.available(p.device) and kernels.supports(model.config)
-        if fused and compile:
-            raise ValueError("compile applies to the PyTorch decode step; the fused one is already kernels")
-        if fused and not kernels.available(p.device):
-            raise ValueError("the fused decode kernels need a CUDA device and the triton package")
-        if fused and not kernels.supports(model.config):
-            raise ValueError(
-                f"the fused decode kernels need a power-of-two head size >= 16, not {model.config.head_dim}; "
-                "use the PyTorch decode step"
-            )
-        self.fused = fused
+        self.fused = fused = kernels.use_fused(fused, compile, p.device, model.config)
         self.model, self.device, self.dtype = model, p.device, p.dtype
         self.max_batch = max_batch
         self.block_size = model.config.block_size
