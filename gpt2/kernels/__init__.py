@@ -38,21 +38,23 @@ def use_fused(fused: bool | None, compile: bool, device: torch.device | str, con
     is checked when given (gpt2 serve checks the rest before loading the model)."""
     if fused is None:
         return not compile and available(device) and (config is None or supports(config))
-    if fused and compile:
+    if not fused:
+        return False
+    if compile:
         raise ValueError(
             "compile applies to the PyTorch decode step, not the fused kernels: use --decode-kernels torch"
         )
-    if fused and not available(device):
+    if not available(device):
         raise ValueError(
             f"the fused decode kernels need a CUDA device and the triton package (device: {device}); "
             "use --decode-kernels torch"
         )
-    if fused and config is not None and not supports(config):
+    if config is not None and not supports(config):
         raise ValueError(
             f"the fused decode kernels need a power-of-two head size >= 16, not {config.head_dim}; "
             "use --decode-kernels torch"
         )
-    return fused
+    return True
 
 
 SHORT_ROWS = 256  # rows no longer than this attend in one program per row and head (see split_attention)

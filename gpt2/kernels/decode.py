@@ -39,6 +39,3 @@ def decode_logits(
 
 def _norm(ln) -> tuple[Tensor, Tensor | None, float]:
     return ln.weight, ln.bias, ln.eps
-
-
-argmax, greedy_advance = ops.argmax, ops.greedy_advance

@@ -158,7 +158,8 @@ def fused_decode_step(
     """decode_step in gpt2.kernels' fused kernels (CUDA + triton): 5 kernels per layer instead of
     ~14, and a greedy step's end (argmax, next input, positions) in two. Each row reads its own
     columns 0..pos[b]; L (a length bucket) only chooses whether attention is split over them."""
-    from gpt2.kernels.decode import decode_logits, greedy_advance
+    from gpt2.kernels.decode import decode_logits
+    from gpt2.kernels.ops import greedy_advance
 
     s = state
     split = kernels.split_attention(B, model.config.n_head, L, s.pos.device)
