@@ -70,6 +70,13 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def fp32_matmul_precision(device: torch.device) -> str:
+    """What torch.set_float32_matmul_precision is set to for a command on device (by its shell):
+    TF32 for float32 matmuls on CUDA ("high"; float32 leftovers under bf16 autocast and fp32 runs),
+    exact float32 elsewhere, so every command computes fp32 alike on one device."""
+    return "high" if device.type == "cuda" else "highest"
+
+
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `--dtype name` (None: plain fp32, no autocast)."""
     dtype = compute_dtype(name, device)

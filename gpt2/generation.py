@@ -10,14 +10,16 @@ but the same numbers as full recomputation).
 Every `model` below is a gpt2.GPT (typed as nn.Module so this module does not import the model,
 which calls into it from GPT.generate).
 
-Speed (see benchmarks/NOTES.md): on CUDA the decode step runs on a preallocated cache and
-buffers and is replayed as one CUDA graph (StaticDecoder); sampling stays on the GPU and the
-host waits for it only to stream tokens or, every EOS_CHECK_EVERY steps, to see if all stopped.
+This is the readable reference: a plain KV cache, eager decoding and the sampling formula, used
+by GPT.generate, training samples and the tests as the oracle. The fast path (continuous
+batching, CUDA graphs, fused decode kernels: `gpt2 generate` and `gpt2 serve`) is gpt2.inference,
+tested against this module token for token.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -107,8 +109,8 @@ def decode_step(
 
 def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """0.0 where allowed, -inf elsewhere: the mask SDPA makes of a boolean one. Decoding passes it
-    in this form in both paths, so both run the same attention kernel (a boolean mask may send
-    SDPA to another backend, with other rounding) and can update it in place."""
+    in this form, as gpt2.inference's runner does, so both run the same attention kernel (a
+    boolean mask may send SDPA to another backend, with other rounding)."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
@@ -131,97 +133,6 @@ class EagerDecoder:
         return decode_step(self.model, token, self.slot, self.position, self.key_valid, self.cache)
 
 
-class StaticDecoder:
-    """The fast decode step: the same computation as EagerDecoder, on preallocated tensors.
-
-    Token, positions, cache column and the additive attention mask (see additive_mask) live in
-    fixed buffers updated in place inside the step, so every step launches the same kernels on
-    the same addresses. That lets one CUDA graph replay a whole step: one launch instead of ~170
-    for GPT-2 124M, whose launching (~3 ms) is what a batch-1 step costs in the plain loop (the
-    GPU work is ~0.6 ms). With compile=True the step is also compiled (fused LayerNorm, GELU and
-    residual kernels) before it is captured.
-    """
-
-    def __init__(
-        self, model: nn.Module, cache: KVCache, valid: Tensor, *, cuda_graph: bool = False, compile: bool = False
-    ) -> None:
-        B, P = valid.size()
-        device = valid.device
-        self.model, self.cache = model, cache
-        self.token = torch.zeros(B, dtype=torch.long, device=device)  # (B,) input of the next step
-        self.position = valid.long().sum(-1) - 1  # (B,) position of each sequence's last token
-        cache.slots = torch.full((1,), P - 1, dtype=torch.long, device=device)  # column of the last token
-        key_valid = torch.zeros(B, cache.max_len, dtype=torch.bool, device=device)
-        key_valid[:, :P] = valid
-        cache.mask = additive_mask(key_valid[:, None, None, :], cache.dtype)  # (B, 1, 1, S), updated in place
-        self.step = _compiled_step() if compile else _static_step
-        self.use_graph = cuda_graph
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: Tensor | None = None  # (B, V) output of the captured step
-
-    def __call__(self, token: Tensor) -> Tensor:
-        """Feed token (B,) at the next cache column; return the next logits (B, V). With a CUDA
-        graph the result is a static buffer that the next call overwrites."""
-        self.token.copy_(token)
-        if not self.use_graph:
-            return self.step(self.model, self.cache, self.token, self.position)
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.logits
-
-    def _capture(self) -> None:
-        state = (self.cache.slots, self.cache.mask, self.position)
-        saved = [t.clone() for t in state]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph: compilation, cuBLAS handles
-            self.step(self.model, self.cache, self.token, self.position)
-        torch.cuda.current_stream().wait_stream(side)
-        for t, s in zip(state, saved):  # undo the warm-up step (its cache column is rewritten)
-            t.copy_(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step(self.model, self.cache, self.token, self.position)
-
-
-def _static_step(model: nn.Module, cache: KVCache, token: Tensor, position: Tensor) -> Tensor:
-    """One decode step on StaticDecoder's buffers, all updated in place: token (B,) goes to the
-    next cache column at the next position; returns logits (B, V)."""
-    cache.slots.add_(1)  # (1,)
-    cache.mask.index_fill_(3, cache.slots, 0.0)  # every sequence may attend to the new column
-    position.add_(1)  # (B,)
-    logits, _ = model(token[:, None], positions=position[:, None], cache=cache)  # (B, 1, V)
-    return logits[:, -1, :]
-
-
-_COMPILED_STEP = None
-
-
-def _compiled_step():
-    """_static_step under torch.compile, created once so all decoders share its compiled code
-    (a recompile happens per batch size, cache length and dtype)."""
-    global _COMPILED_STEP
-    if _COMPILED_STEP is None:
-        _COMPILED_STEP = torch.compile(_static_step, fullgraph=True, dynamic=False)
-    return _COMPILED_STEP
-
-
-# A captured decode step is ~5x cheaper than an eager one for GPT-2 124M (0.69 vs ~3.5 ms on an H200,
-# benchmarks/NOTES.md), but a process's first capture costs a warm-up step, the capture and the CUDA
-# graph machinery's one-time set-up; for short answers that is more than the steps save (a 60-token
-# `gpt2 generate` ran at ~33 tokens/s end to end). Below this many new tokens the step runs eagerly.
-GRAPH_MIN_NEW_TOKENS = 128
-
-
-def use_cuda_graph(device: torch.device, max_new_tokens: int, requested: bool | None = None) -> bool:
-    """Whether generate_tokens replays its decode step as a CUDA graph: `requested` when given,
-    else on CUDA for max_new_tokens >= GRAPH_MIN_NEW_TOKENS (capture pays off over enough steps)."""
-    if requested is not None:
-        return requested
-    return device.type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW_TOKENS
-
-
 # Without streaming, whether every sequence has stopped is asked of the GPU only this often, so
 # steps are not each held up by a device-to-host copy; the extra steps are cut off at the end.
 EOS_CHECK_EVERY = 16
@@ -241,20 +152,14 @@ def generate_tokens(
     eos_id: int | None = None,
     use_cache: bool = True,
     on_tokens: Callable[[Tensor], None] | None = None,
-    fast: bool | None = None,
-    cuda_graph: bool | None = None,
-    compile: bool = False,
+    **removed,
 ) -> Tensor:
     """Generate from left-padded tokens (B, P) with valid (B, P); return the new tokens (B, N),
     N <= max_new_tokens. With eos_id, a sequence that produced it gets eos_id from then on, and
     generation ends once every sequence has. on_tokens receives each step's tokens (B,).
-
-    fast (default: on for CUDA) decodes with StaticDecoder, captured as a CUDA graph when
-    cuda_graph (default: see use_cuda_graph: on CUDA, only for max_new_tokens >=
-    GRAPH_MIN_NEW_TOKENS); compile=True also compiles its step (costs a compilation per batch
-    size and cache length).
-    Both compute what the plain loop (fast=False) computes: greedy tokens are the same.
+    use_cache=False recomputes the whole window every step (the reference of the reference).
     """
+    _warn_removed(removed)
     check_sampling_args(temperature, top_k, top_p)
     block_size = model.config.block_size
     B, P = tokens.size()
@@ -266,19 +171,12 @@ def generate_tokens(
         return tokens.new_zeros((B, 0))
     device = tokens.device
     dtype = next(model.parameters()).dtype
-    fast = device.type == "cuda" if fast is None else fast
     S = min(P + max_new_tokens, block_size)  # positions the cache serves; past them the window slides
     # Cache columns rounded up to a multiple of 16 (never attended): SDPA's memory-efficient kernel
     # wants the mask's rows 16-aligned and would otherwise pad the mask in every layer of every step.
     cache = KVCache(model.config, B, -(-S // 16) * 16, device=device, dtype=dtype)
     logits = prefill(model, tokens, valid, cache)  # (B, V)
-    if not use_cache:
-        decoder = None
-    elif fast:
-        graph = use_cuda_graph(device, max_new_tokens, cuda_graph)
-        decoder = StaticDecoder(model, cache, valid, cuda_graph=graph, compile=compile)
-    else:
-        decoder = EagerDecoder(model, cache, valid)
+    decoder = EagerDecoder(model, cache, valid) if use_cache else None
     out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -304,6 +202,24 @@ def generate_tokens(
     return _cut_after_all_stopped(out[:, :n], eos_id)
 
 
+# Keywords of the fast path that lived here (StaticDecoder); it is gpt2.inference's engine now.
+_REMOVED = ("fast", "cuda_graph", "compile")
+
+
+def _warn_removed(removed: dict) -> None:
+    """Accept the removed keywords for one release, with a warning; refuse anything else."""
+    unknown = sorted(set(removed) - set(_REMOVED))
+    if unknown:
+        raise TypeError(f"generate_tokens() got unexpected keyword argument(s) {', '.join(unknown)}")
+    if removed:
+        warnings.warn(
+            f"generate_tokens ignores {', '.join(sorted(removed))}: the reference always decodes eagerly; "
+            "the fast path is gpt2.inference (gpt2 generate); these keywords go away in the next release",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+
+
 def _cut_after_all_stopped(out: Tensor, eos_id: int | None) -> Tensor:
     """out (B, n) cut after the step at which the last sequence produced eos_id, if all have."""
     if eos_id is None:
@@ -317,7 +233,7 @@ def _cut_after_all_stopped(out: Tensor, eos_id: int | None) -> Tensor:
 
 def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
     """idx (B, T) -> (B, T + N): idx followed by up to max_new_tokens sampled tokens.
-    Keywords as generate_tokens (temperature, top_k, top_p, generator, eos_id, use_cache, fast, ...)."""
+    Keywords as generate_tokens (temperature, top_k, top_p, generator, eos_id, use_cache, on_tokens)."""
     valid = torch.ones_like(idx, dtype=torch.bool)
     new = generate_tokens(model, idx, valid, max_new_tokens, **kwargs)
     return torch.cat([idx, new], dim=1)

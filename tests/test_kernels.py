@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gpt2 import GPT, GPTConfig, kernels
-from gpt2.serve.batch import BatchDecoder, DecodeState, SlotCache, decode_step
-from gpt2.serve.sampling import GREEDY
+from gpt2.inference.runner import BatchDecoder, DecodeState, SlotCache, decode_step
+from gpt2.inference.sampling import GREEDY
 
 needs_kernels = pytest.mark.skipif(not kernels.available("cuda"), reason="needs CUDA and triton")
 
@@ -122,10 +122,10 @@ def test_argmax_takes_the_first_of_equal_values_as_torch():
 @needs_kernels
 @pytest.mark.gpu
 def test_the_server_decodes_the_same_tokens_fused_or_not():
-    from gpt2.serve.engine import Engine, Request
+    from gpt2.inference import Engine, Sequence
 
     model = perturbed("tiny", torch.float32)
-    requests = [Request([3 + i, 7, 11 + i][: 1 + i % 3], 20 + 3 * i) for i in range(10)]
+    requests = [Sequence([3 + i, 7, 11 + i][: 1 + i % 3], 20 + 3 * i) for i in range(10)]
     results = []
     for fused in (False, True):
         dec = BatchDecoder(model, 4, cuda_graph=True, fused=fused, min_length_bucket=16, max_prefill_tokens=64)

@@ -10,9 +10,10 @@ import torch
 from gpt2 import GPT, GPTConfig
 from gpt2.evaluation import score_continuations
 from gpt2.generation import filter_logits, generate_batch
-from gpt2.serve.batch import BatchDecoder, buckets
-from gpt2.serve.engine import Engine, QueueFull, Request
-from gpt2.serve.sampling import FILTER, SAMPLE, filter_rows, sample_rows, uniforms
+from gpt2.inference.engine import Engine, QueueFull
+from gpt2.inference.runner import BatchDecoder, buckets
+from gpt2.inference.sampling import FILTER, SAMPLE, filter_rows, sample_rows, uniforms
+from gpt2.inference.scheduler import Sequence
 
 VOCAB = 512
 
@@ -59,7 +60,7 @@ def mixed_requests(n, seed=0):
     for i, p in enumerate(prompts(n, seed)):
         kind = i % 3
         out.append(
-            Request(
+            Sequence(
                 p,
                 max_tokens=8 + (i * 7) % 30,
                 temperature=[0.0, 1.0, 0.8][kind],
@@ -75,7 +76,7 @@ def mixed_requests(n, seed=0):
 
 def test_greedy_equals_plain_generation(model):
     ps = prompts(4, seed=3)
-    (tokens, _, finish) = run(model, [Request(p, 12, stop_at_eos=False) for p in ps])
+    (tokens, _, finish) = run(model, [Sequence(p, 12, stop_at_eos=False) for p in ps])
     ref = generate_batch(model, ps, 12, pad_id=0, temperature=0.0, fast=False)
     assert tokens == ref
     assert finish == ["length"] * 4
@@ -107,14 +108,14 @@ def test_more_requests_than_slots_all_finish_with_their_own_tokens(model):
 
 def test_cancel_frees_the_slot_and_later_requests_run(model):
     engine, outputs = make_engine(model, max_batch=2)
-    ids = engine.submit([Request([1, 2, 3], 50, stop_at_eos=False), Request([4], 50, stop_at_eos=False)])
+    ids = engine.submit([Sequence([1, 2, 3], 50, stop_at_eos=False), Sequence([4], 50, stop_at_eos=False)])
     for _ in range(3):
         engine.iterate()
     assert engine.stats()["running"] == 2
     engine.cancel(ids[:1])
     engine.iterate()
     assert engine.stats()["running"] == 1
-    later = Request([5, 6], 4, stop_at_eos=False)
+    later = Sequence([5, 6], 4, stop_at_eos=False)
     engine.submit([later])
     while not engine.idle:
         engine.iterate()
@@ -125,17 +126,17 @@ def test_cancel_frees_the_slot_and_later_requests_run(model):
 
 def test_queue_bound(model):
     engine, _ = make_engine(model, max_batch=1, max_queue=2)
-    engine.submit([Request([1], 4), Request([2], 4)])
+    engine.submit([Sequence([1], 4), Sequence([2], 4)])
     with pytest.raises(QueueFull):
-        engine.submit([Request([3], 4)])
+        engine.submit([Sequence([3], 4)])
     with pytest.raises(ValueError, match="at most 2"):
-        engine.submit([Request([3], 4)] * 3)
+        engine.submit([Sequence([3], 4)] * 3)
 
 
 def test_echo_logprobs_equal_continuation_scores(model):
     context, continuation = [464, 313, 286], [204, 318, 257, 132]
     engine, outputs = make_engine(model)
-    engine.submit([Request(context + continuation, 0, prompt_logprobs=1)])
+    engine.submit([Sequence(context + continuation, 0, prompt_logprobs=1)])
     while not engine.idle:
         engine.iterate()
     (out,) = outputs
@@ -213,10 +214,11 @@ def test_padded_prefill_gives_each_prompts_last_logits_and_spares_other_slots(mo
 def test_admission_budget_counts_the_padded_shape(model):
     engine, _ = make_engine(model, max_batch=8)
     engine.decoder.max_prefill_tokens = 64  # rows bucket x prompt bucket <= 64
-    engine.submit([Request(p, 2) for p in ([1] * 20, [2] * 3, [3] * 3, [4] * 3)])
-    taken = engine._take_newcomers()
+    engine.submit([Sequence(p, 2) for p in ([1] * 20, [2] * 3, [3] * 3, [4] * 3)])
+    fits = engine.decoder.prefill_fits
+    taken = engine.scheduler.admit(fits)
     assert len(taken) == 2  # 2 rows x 32 columns fit; 3 rows pad to 4 x 32 = 128
-    assert len(engine._take_newcomers()) == 2
+    assert len(engine.scheduler.admit(fits)) == 2
 
 
 def test_on_a_cpu_a_newcomers_first_token_goes_out_before_the_next_step(model):
@@ -224,7 +226,7 @@ def test_on_a_cpu_a_newcomers_first_token_goes_out_before_the_next_step(model):
     step = engine.decoder.step
     seen_at_step = []
     engine.decoder.step = lambda *a: (seen_at_step.append(sum(len(o.tokens) for o in outputs)), step(*a))[1]
-    engine.submit([Request([1, 2, 3], 5, stop_at_eos=False)])
+    engine.submit([Sequence([1, 2, 3], 5, stop_at_eos=False)])
     engine.iterate()
     assert seen_at_step == [1]  # the prefill's token was delivered when the decode step ran
     assert sum(len(o.tokens) for o in outputs) == 2  # and the step's own token right after it
@@ -258,7 +260,7 @@ def test_graphs_are_all_captured_at_start_up_and_equal_eager_on_gpu():
 
 def test_the_pipelined_order_cuda_uses_gives_the_same_answers(model):
     """On CUDA a pass's tokens are read one step later; run that order on the CPU (no events)."""
-    requests = mixed_requests(20, seed=7) + [Request([5], 0, prompt_logprobs=1)]
+    requests = mixed_requests(20, seed=7) + [Sequence([5], 0, prompt_logprobs=1)]
     sync = run(model, requests, max_batch=8)
     engine, outputs = make_engine(model, max_batch=8)
     engine.asynchronous = True

@@ -1,16 +1,148 @@
-"""`gpt2 generate` on CUDA picks its decode path by the work: a CUDA graph only when enough new
-tokens pay for capturing it (the choice is plain logic, tested on a CPU)."""
+"""One inference path: `gpt2 generate` runs on the serving engine, and its greedy tokens equal the
+server's and gpt2.generation's reference, token for token (CPU, tiny models); a seeded sample equals
+the server's answer to a request with that seed; it captures only the decode shapes it runs."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from gpt2.generation import GRAPH_MIN_NEW_TOKENS, use_cuda_graph
+from gpt2 import GPT, GPTConfig
+from gpt2.generation import generate_batch
+from gpt2.inference import Engine, Sequence
+from gpt2.inference.generate import _decode_shapes, run, sequences
+from gpt2.inference.runner import BatchDecoder
+from gpt2.inference.sampling import GREEDY, SAMPLE, choice_seed
+
+VOCAB = 512
+EOS = VOCAB - 1
 
 
-def test_generate_captures_a_graph_only_for_long_answers():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert not use_cuda_graph(cuda, 60)  # a short answer: eager steps, no capture
-    assert use_cuda_graph(cuda, GRAPH_MIN_NEW_TOKENS) and use_cuda_graph(cuda, 1000)
-    assert not use_cuda_graph(cpu, 1000)
-    assert use_cuda_graph(cuda, 5, requested=True) and not use_cuda_graph(cuda, 1000, requested=False)
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_name("tiny", vocab_size=VOCAB)).eval()
+
+
+PROMPTS = [[5, 6, 7], [100, 200, 30, 40, 50, 60, 70, 80], [42]]
+
+
+def served(model, seqs: list[Sequence]) -> list[list[int]]:
+    """What gpt2 serve's engine (its own decoder, default buckets) answers for these sequences."""
+    outputs = []
+    engine = Engine(BatchDecoder(model, 8), outputs.extend, eos_id=EOS)
+    engine.submit(seqs)
+    while not engine.idle:
+        engine.iterate()
+    tokens = {id(s): [] for s in seqs}
+    for o in outputs:
+        tokens[id(o.request)] += o.tokens
+    return [tokens[id(s)] for s in seqs]
+
+
+@pytest.mark.parametrize("n", [1, 2, 30, 56, 57, 80])  # tiny's context is 64: 8 + 57 passes it, 80 slides
+def test_greedy_generate_equals_the_server_and_the_reference(model, n):
+    seqs = sequences(PROMPTS, n, temperature=0, stop_at_eos=False)
+    ours = run(model, seqs, eos_id=EOS)
+    reference = generate_batch(model, PROMPTS, n, pad_id=0, temperature=0.0)
+    assert ours.tokens == reference
+    if all(len(p) + n <= model.config.block_size for p in PROMPTS):  # what a server accepts
+        assert ours.tokens == served(model, seqs)
+    assert ours.finish_reasons == ["length"] * 3
+
+
+def test_seeded_samples_equal_the_servers_choices(model):
+    seqs = sequences(PROMPTS[:2], 20, num_samples=3, temperature=0.9, top_p=0.9, seed=5, stop_at_eos=False)
+    assert [s.seed for s in seqs] == [choice_seed(5, k) for k in range(6)]  # as a request's n=3 choices
+    ours = run(model, seqs, eos_id=EOS)
+    assert ours.tokens == served(model, seqs)
+    assert ours.tokens[0] != ours.tokens[1]  # the samples of one prompt differ
+    assert run(model, seqs, eos_id=EOS).tokens == ours.tokens  # and the seed fixes them
+
+
+def test_sampling_past_the_context_continues_the_same_random_stream(model):
+    """Past the cache, tokens keep the engine's (seed, index) draws: a longer run extends a shorter one."""
+    short = run(model, sequences(PROMPTS, 40, temperature=1.0, seed=3, stop_at_eos=False), eos_id=EOS).tokens
+    long = run(model, sequences(PROMPTS, 70, temperature=1.0, seed=3, stop_at_eos=False), eos_id=EOS).tokens
+    assert [t[:40] for t in long] == short and all(len(t) == 70 for t in long)
+
+
+def test_generation_stops_at_end_of_text_and_streams_what_it_returns(model):
+    first = run(model, sequences(PROMPTS, 30, temperature=0, stop_at_eos=False), eos_id=EOS).tokens
+    eos = first[0][4]  # a token the first sequence produces early: call it the end of text
+    streamed = {i: [] for i in range(3)}
+    out = run(
+        model,
+        sequences(PROMPTS, 30, temperature=0),
+        eos_id=eos,
+        on_tokens=lambda i, new: streamed[i].extend(new),
+    )
+    assert out.tokens[0] == first[0][: first[0].index(eos)] and out.finish_reasons[0] == "stop"
+    assert [streamed[i] for i in range(3)] == out.tokens
+
+
+def test_generate_captures_only_the_decode_shapes_it_runs(model):
+    dec = BatchDecoder(model, 3, min_length_bucket=16, batch_buckets=[3])  # length buckets 16, 32, 64
+    assert dec.length_buckets == [16, 32, 64]
+    greedy = sequences(PROMPTS, 10, temperature=0)  # columns 2..17: buckets 16 and 32
+    assert _decode_shapes(dec, greedy) == [(3, 16, GREEDY), (3, 32, GREEDY)]
+    sampled = sequences([[1] * 20], 5, temperature=1.0)  # columns 21..24: one bucket, one mode
+    assert _decode_shapes(dec, sampled) == [(3, 32, SAMPLE)]
+    assert _decode_shapes(dec, sequences([[1]], 1)) == []  # one token: the prefill makes it
+    assert run(model, greedy, eos_id=EOS).graphs == 0  # and none at all without CUDA
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(num_samples=0), "num_samples and max_new_tokens must be >= 1"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_runs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sequences(PROMPTS, 5, **kwargs)
+
+
+def test_a_prompt_longer_than_the_context_is_refused(model):
+    with pytest.raises(ValueError, match="prompt has 65 tokens but the model's context is 64"):
+        run(model, sequences([[1] * 65], 2), eos_id=EOS)
+
+
+@pytest.mark.slow
+def test_the_command_prints_what_the_server_answers_and_the_reference_makes(tmp_path, capsys):
+    """`gpt2 generate` (in process, through gpt2.cli.main) against gpt2 serve over HTTP and the
+    reference, on a checkpoint with GPT-2's vocabulary: greedy text, and seeded samples."""
+    pytest.importorskip("starlette")
+    httpx = pytest.importorskip("httpx")
+    from gpt2.cli import main
+    from gpt2.serve.config import ServeConfig
+    from gpt2.serve.server import ServerThread, build_service, warm_up
+    from gpt2.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    tiny = GPT(GPTConfig.from_name("tiny")).eval()
+    tiny.save_pretrained(tmp_path)
+    tok, prompt = Tokenizer(), "Once upon a time"
+    common = ["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "12", "--no-stop"]
+    assert main([*common, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr()
+    reference = generate_batch(tiny, [tok.encode(prompt)], 12, temperature=0.0)[0]
+    assert greedy.out == prompt + tok.decode(reference) + "\n"
+    assert (
+        "12 tokens" in greedy.err and "tokens/s decoding" in greedy.err and "since the model was loaded" in greedy.err
+    )
+    assert main([*common, "--temperature", "0.9", "--top-k", "40", "--seed", "5", "--num-samples", "2"]) == 0
+    sampled = capsys.readouterr().out
+    service = build_service(tiny, "m", ServeConfig(max_batch=4))
+    warm_up(service)
+    request = {"prompt": prompt, "max_tokens": 12, "ignore_eos": True}
+    with ServerThread(service) as url:
+        served_greedy = httpx.post(f"{url}/v1/completions", json={**request, "temperature": 0}, timeout=60).json()
+        settings = {"temperature": 0.9, "top_k": 40, "seed": 5, "n": 2}
+        served_samples = httpx.post(f"{url}/v1/completions", json={**request, **settings}, timeout=60).json()
+    assert served_greedy["choices"][0]["text"] == tok.decode(reference)
+    texts = [c["text"] for c in sorted(served_samples["choices"], key=lambda c: c["index"])]
+    assert sampled == "".join(f"--- sample {i + 1} ---\n{prompt}{t}\n" for i, t in enumerate(texts))

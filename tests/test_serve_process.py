@@ -14,7 +14,8 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from gpt2 import GPT, GPTConfig  # noqa: E402
-from gpt2.serve.process import ModelSpec, build_process_service  # noqa: E402
+from gpt2.inference.load import ModelSpec  # noqa: E402
+from gpt2.serve.process import build_process_service  # noqa: E402
 from gpt2.serve.server import ServeConfig, ServerThread, build_service, warm_up  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -72,7 +73,7 @@ def test_streams_and_health_across_the_pipes(server):
 
 def test_the_queue_bound_counts_slots_and_queue(server):
     url, service = server
-    from gpt2.serve.engine import QueueFull, Request
+    from gpt2.inference import QueueFull, Sequence
 
     engine = service.engine
     with engine._lock:  # pretend 4 running + 8 waiting sequences are unfinished
@@ -80,7 +81,7 @@ def test_the_queue_bound_counts_slots_and_queue(server):
         engine._seqs.update({-i: None for i in range(1, 13)})
     try:
         with pytest.raises(QueueFull):
-            engine.submit([Request([1], 2)])
+            engine.submit([Sequence([1], 2)])
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
         assert r.status_code == 429
     finally:

@@ -11,8 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpt2.serve.engine import Output
-from gpt2.serve.engine import Request as Sequence
+from gpt2.inference import Output, Sequence
 from gpt2.serve.protocol import CompletionParams
 from gpt2.serve.stream import Completion, Mailbox
 from gpt2.serve.text import ChoiceText, token_table

@@ -1,5 +1,6 @@
 """The fast paths compute what the plain ones compute: chunked loss == F.cross_entropy (value and
-gradients), static / graph-captured decoding == the plain decode loop, token for token."""
+gradients), the engine's compiled / graph-captured decoding == the reference decode loop, token for
+token."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2 import GPT, GPTConfig
-from gpt2.attention import KVCache
-from gpt2.generation import StaticDecoder, _static_step, generate_tokens, left_pad, prefill
+from gpt2.generation import generate_batch, generate_tokens, left_pad
 from gpt2.ops import attention_backends, linear_cross_entropy
 
 
@@ -134,7 +134,7 @@ def test_padded_vocab_never_reaches_outputs(tiny_model):
     logits, _ = tiny_model(idx)
     assert logits.shape[-1] == 50257
     g = torch.Generator().manual_seed(0)
-    out = generate_tokens(tiny_model, idx, torch.ones_like(idx, dtype=torch.bool), 5, generator=g, fast=True)
+    out = generate_tokens(tiny_model, idx, torch.ones_like(idx, dtype=torch.bool), 5, generator=g)
     assert int(out.max()) < 50257 and int(out.min()) >= 0
 
 
@@ -147,56 +147,56 @@ PROMPTS = [[5, 6, 7], [100, 200, 30, 40, 50, 60, 70, 80], [42]]
 
 
 @pytest.mark.parametrize("n", [1, 2, 15, 40])  # 8 + 40 passes block_size 32: the sliding window
-def test_static_decoder_greedy_equals_plain_loop(small_model, n):
-    fast = _decode(small_model, PROMPTS, n, temperature=0, fast=True)
-    plain = _decode(small_model, PROMPTS, n, temperature=0, fast=False)
+def test_cached_greedy_equals_recomputing_every_step(small_model, n):
+    plain = _decode(small_model, PROMPTS, n, temperature=0)
     recompute = _decode(small_model, PROMPTS, n, temperature=0, use_cache=False)
-    assert fast.shape == (3, n)
-    assert torch.equal(fast, plain) and torch.equal(fast, recompute)
+    assert plain.shape == (3, n)
+    assert torch.equal(plain, recompute)
 
 
-def test_static_decoder_sampling_equals_plain_loop(small_model):
-    def run(fast):
-        g = torch.Generator().manual_seed(7)
-        return _decode(small_model, PROMPTS, 25, temperature=0.8, top_k=100, top_p=0.9, generator=g, fast=fast)
+def test_removed_fast_path_keywords_still_work_for_a_release(small_model):
+    with pytest.warns(DeprecationWarning, match="gpt2.inference"):
+        old = _decode(small_model, PROMPTS, 5, temperature=0, fast=True, cuda_graph=False)
+    assert torch.equal(old, _decode(small_model, PROMPTS, 5, temperature=0))
+    with pytest.raises(TypeError, match="fastest"):
+        _decode(small_model, PROMPTS, 5, fastest=True)
 
-    assert torch.equal(run(True), run(False))
 
-
-def test_eos_checked_periodically_still_stops_where_the_plain_loop_does(small_model):
-    plain = _decode(small_model, PROMPTS, 40, temperature=0, fast=False)
+def test_eos_checked_periodically_still_stops_where_every_step_checks(small_model):
+    plain = _decode(small_model, PROMPTS, 40, temperature=0)
     eos = int(plain[0, 4])  # a token the first sequence produces early
-    stopped_plain = _decode(small_model, PROMPTS, 40, temperature=0, eos_id=eos, fast=False)
-    stopped_fast = _decode(small_model, PROMPTS, 40, temperature=0, eos_id=eos, fast=True)
-    assert torch.equal(stopped_fast, stopped_plain)
-    # the same, step by step: a streaming callback sees exactly the returned tokens
+    stopped_plain = _decode(small_model, PROMPTS, 40, temperature=0, eos_id=eos)
+    # a streaming callback sees exactly the returned tokens (and makes the loop check every step)
     seen = []
     streamed = _decode(small_model, PROMPTS, 40, temperature=0, eos_id=eos, on_tokens=seen.append)
     assert torch.equal(torch.stack(seen, dim=1), streamed) and torch.equal(streamed, stopped_plain)
     # when every sequence stops, the output ends at the step where the last one did
-    single = _decode(small_model, [[1, 2, 3]], 40, temperature=0, fast=False)[0].tolist()
+    single = _decode(small_model, [[1, 2, 3]], 40, temperature=0)[0].tolist()
     for step in (3, 20):  # before and after the first periodic check
         eos = single[step]
-        fast = _decode(small_model, [[1, 2, 3]], 40, temperature=0, eos_id=eos, fast=True)
-        assert fast.tolist() == [single[: single.index(eos) + 1]]
+        stopped = _decode(small_model, [[1, 2, 3]], 40, temperature=0, eos_id=eos)
+        assert stopped.tolist() == [single[: single.index(eos) + 1]]
 
 
-def test_static_step_compiles_without_graph_breaks(small_model):
-    """The step StaticDecoder compiles (compile=True) traces as one graph, mutating the cache in place."""
-    tokens, valid = left_pad(PROMPTS, 0)
+def test_engine_decode_step_compiles_without_graph_breaks(small_model):
+    """The engine's PyTorch decode step (compiled before capture with gpt2 serve --compile) traces
+    as one graph, writing the cache and the step's buffers in place."""
+    from gpt2.inference.runner import BatchDecoder, decode_step
+    from gpt2.inference.sampling import SAMPLE
+
     results = []
-    for step in (_static_step, torch.compile(_static_step, backend="aot_eager", fullgraph=True)):
-        cache = KVCache(small_model.config, 3, 16)
+    for step in (decode_step, torch.compile(decode_step, backend="aot_eager", fullgraph=True)):
+        dec = BatchDecoder(small_model, 3, min_length_bucket=16)
+        dec.prefill([0, 1, 2], PROMPTS)
+        s = dec.state
+        s.token[:3] = torch.tensor([9, 8, 7])
+        s.pos[:3] = torch.tensor([len(p) for p in PROMPTS])
+        s.temperature[:3], s.seed[:3] = 0.8, torch.tensor([1, 2, 3])
         with torch.no_grad():
-            logits = prefill(small_model, tokens, valid, cache)
-            decoder = StaticDecoder(small_model, cache, valid)
-            decoder.step = step
-            outs = []
-            for _ in range(4):
-                logits = decoder(logits.argmax(-1))
-                outs.append(logits.clone())
-        results.append(torch.stack(outs))
-    torch.testing.assert_close(results[0], results[1])
+            outs = [step(small_model, dec.cache, s, dec.out, 4, 16, SAMPLE).clone() for _ in range(4)]
+        results.append((torch.stack(outs), dec.out[:3].clone(), dec.cache.k[1][:3].clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
 
 def test_attention_backends_rejects_unknown_kind():
@@ -210,16 +210,19 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decoding_equals_plain_loop_on_gpu(dtype):
+@pytest.mark.parametrize("fused", [False, None])
+def test_engine_generation_with_graphs_equals_the_reference_on_gpu(fused):
+    """gpt2 generate's path on CUDA (graphs, the fused kernels by default) against the eager
+    reference in float32 (in bf16 the two orders of rounding may pick other tokens); 300 new
+    tokens pass the mini model's 256-token context, so the window slides."""
+    from gpt2.inference.generate import run, sequences
+
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name("mini")).cuda().to(dtype).eval()
+    model = GPT(GPTConfig.from_name("mini")).cuda().eval()
     prompts = [[5, 6, 7], list(range(100, 140)), [42]]
-    tokens, valid = left_pad(prompts, 50256)
-    tokens, valid = tokens.cuda(), valid.cuda()
-    fast = generate_tokens(model, tokens, valid, 300, temperature=0, fast=True)  # 300 > block 256: slides
-    plain = generate_tokens(model, tokens, valid, 300, temperature=0, fast=False)
-    assert torch.equal(fast, plain)
+    ref = generate_batch(model, prompts, 300, temperature=0)
+    ours = run(model, sequences(prompts, 300, temperature=0, stop_at_eos=False), eos_id=50256, fused=fused)
+    assert ours.graphs > 0 and ours.tokens == ref
 
 
 @requires_cuda

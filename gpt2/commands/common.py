@@ -1,5 +1,7 @@
-"""What the inference subcommands share: the --model/--device/--dtype options and loading a model
-for inference through the project's one loader (GPT.from_pretrained) and device policy (gpt2.device)."""
+"""What the commands that load a model share: the --model/--device/--dtype options and loading a
+model for inference through the project's one loader (gpt2.inference.load: GPT.from_pretrained
+under the device policy of gpt2.device), with the process-wide matmul precision set here, in the
+application shell."""
 
 from __future__ import annotations
 
@@ -15,22 +17,38 @@ DTYPE_HELP = "compute precision: auto (bf16 on GPUs that support it, else fp16; 
 DEVICE_HELP = "auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, dtype_help: str = DTYPE_HELP) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, device_help: str = DEVICE_HELP) -> None:
     """--model, --device and --dtype, with the same meaning in every command."""
     from gpt2.device import DTYPE_CHOICES
 
     parser.add_argument("--model", required=True, help=MODEL_HELP)
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=dtype_help)
+    parser.add_argument("--device", default="auto", help=device_help)
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
-def load_for_inference(args: argparse.Namespace):
-    """(model in eval mode, device): weights cast to --dtype on --device, TF32 for fp32 matmuls on CUDA."""
-    from gpt2 import GPT
-    from gpt2.device import compute_dtype, pick_device
+def add_decode_kernels_argument(parser: argparse.ArgumentParser) -> None:
+    """--decode-kernels: the engine's decode step (gpt2 generate, gpt2 serve)."""
+    parser.add_argument(
+        "--decode-kernels",
+        choices=["auto", "fused", "torch"],
+        default="auto",
+        help="decode step: gpt2.kernels' fused Triton kernels (auto: on CUDA with triton) or the model's forward",
+    )
 
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
-    model = GPT.from_pretrained(args.model, device=device, dtype=compute_dtype(args.dtype, device))
-    return model.eval(), device
+
+def model_spec(args: argparse.Namespace, device: str | None = None):
+    """The ModelSpec of a command's --model, --device (or `device`) and --dtype."""
+    from gpt2.inference.load import ModelSpec
+
+    return ModelSpec(str(args.model), device or args.device, args.dtype)
+
+
+def load_for_inference(spec, *, cast_weights: bool = True):
+    """(model in eval mode, device) of a ModelSpec, after setting this process's float32 matmul
+    precision for that device (TF32 on CUDA): the one way every command (and gpt2 serve's engine
+    process) loads a model, so fp32 results agree between them. See gpt2.inference.load.load_model."""
+    from gpt2.device import fp32_matmul_precision, pick_device
+    from gpt2.inference.load import load_model
+
+    torch.set_float32_matmul_precision(fp32_matmul_precision(pick_device(spec.device)))
+    return load_model(spec, cast_weights=cast_weights)

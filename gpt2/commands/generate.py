@@ -1,8 +1,12 @@
-"""`gpt2 generate`: sample text from a model, streaming a single sample as it is produced.
+"""`gpt2 generate`: sample text from a model on the inference engine, in this process.
 
-On CUDA the decode step runs on a preallocated cache; it is captured once as a CUDA graph and
-replayed only when there are enough new tokens to pay for the capture (--cuda-graph auto:
-max-new-tokens >= gpt2.generation.GRAPH_MIN_NEW_TOKENS); short answers decode eagerly.
+The prompts (--prompt, repeatable), each --num-samples times, run as one batch on gpt2.inference's
+engine: gpt2 serve's scheduler, model runner, fused decode kernels (CUDA) and sampler, so a prompt,
+its settings and --seed give the text that a server request with that seed gives (sample j of
+prompt i is the request's choice i * num-samples + j). On CUDA only the decode shapes this run
+reaches are captured as CUDA graphs. One sample streams to the terminal as it is made; several print
+when all are done. Then one line on stderr: tokens generated, the decoding rate, and the seconds
+since the model was loaded (graph capture included).
 """
 
 from __future__ import annotations
@@ -12,85 +16,107 @@ import codecs
 import sys
 import time
 
-from gpt2.commands.common import add_model_arguments
+from gpt2.commands.common import add_decode_kernels_argument, add_model_arguments
+
+START = "<|endoftext|>"  # the default prompt: the start of a document
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--prompt", default="<|endoftext|>", help="text to continue (default: start of a document)")
-    parser.add_argument("--num-samples", type=int, default=1, help="independent samples, generated as one batch")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="text to continue; repeat it for several prompts, generated together (default: start of a document)",
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=1, help="independent samples per prompt, generated as one batch"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337, help="as a server request's seed: same seed, same text")
     parser.add_argument("--no-stop", action="store_true", help="keep going past <|endoftext|>")
     parser.add_argument(
         "--cuda-graph",
         choices=["auto", "on", "off"],
         default="auto",
-        help="CUDA only: replay the decode step as a CUDA graph; auto = only when --max-new-tokens is large "
-        "enough to pay for capturing it (short answers decode eagerly)",
+        help="replay the decode steps as CUDA graphs, captured for the shapes this run needs (auto: on CUDA)",
     )
+    add_decode_kernels_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from gpt2.commands.common import load_for_inference
-    from gpt2.generation import check_sampling_args, generate_tokens
+    from gpt2 import kernels
+    from gpt2.commands.common import load_for_inference, model_spec
+    from gpt2.device import pick_device
+    from gpt2.inference.generate import run as generate
+    from gpt2.inference.generate import sequences
     from gpt2.tokenizer import Tokenizer
 
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
-    if not args.prompt:
+    texts = args.prompt or [START]
+    if not all(texts):
         raise ValueError("empty prompt; pass some text, or omit --prompt to start a new document")
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise ValueError("--num-samples and --max-new-tokens must be >= 1")
     tok = Tokenizer()
-    prompt_ids = tok.encode(args.prompt)
-    model, device = load_for_inference(args)
-    if len(prompt_ids) > model.config.block_size:
-        raise ValueError(
-            f"prompt has {len(prompt_ids)} tokens but the model's context is {model.config.block_size}; shorten it"
-        )
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
-    valid = torch.ones_like(idx, dtype=torch.bool)
-    stream = args.num_samples == 1
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def on_tokens(new: torch.Tensor) -> None:
-        if stream:
-            sys.stdout.write(decoder.decode(tok.decode_bytes(new.tolist())))
-            sys.stdout.flush()
-
-    shown_prompt = "" if args.prompt == "<|endoftext|>" else args.prompt
-    if stream:
-        sys.stdout.write(shown_prompt)
-    t0 = time.perf_counter()
-    new = generate_tokens(
-        model,
-        idx,
-        valid,
+    seqs = sequences(  # checks the sampling settings before anything is loaded
+        [tok.encode(t) for t in texts],
         args.max_new_tokens,
+        num_samples=args.num_samples,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        generator=generator,
-        eos_id=None if args.no_stop else tok.eot_id,
-        on_tokens=on_tokens,
-        cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
+        seed=args.seed,
+        stop_at_eos=not args.no_stop,
     )
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    if stream:
-        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
-    else:
-        for i, row in enumerate(new.tolist()):
-            if not args.no_stop and tok.eot_id in row:
-                row = row[: row.index(tok.eot_id)]
-            print(f"--- sample {i + 1} ---\n{shown_prompt}{tok.decode(row)}")
-    n_new = new.numel()
-    print(f"[{n_new} tokens in {dt:.2f} s, {n_new / dt:.1f} tokens/s on {device}]", file=sys.stderr)
+    device = pick_device(args.device)
+    graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]
+    if graph and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device (device: {device}); use --cuda-graph auto or off")
+    fused = {"auto": None, "fused": True, "torch": False}[args.decode_kernels]
+    if fused:
+        kernels.use_fused(fused, False, device)  # what cannot run is refused before loading
+    model, device = load_for_inference(model_spec(args, str(device)))
+    loaded = time.perf_counter()
+    shown = [("" if t == START else t) for t in texts for _ in range(args.num_samples)]
+    stream = _Stream(tok, shown[0]) if len(seqs) == 1 else None
+    result = generate(model, seqs, eos_id=tok.eot_id, cuda_graph=graph, fused=fused, on_tokens=stream and stream.write)
+    if stream is not None:
+        stream.close()
+    for i, (prefix, row) in enumerate(zip(shown, result.tokens)):
+        if stream is None:
+            print(f"--- sample {i + 1} ---\n{prefix}{tok.decode(row)}")
+    sys.stdout.flush()
+    print(_report(result, time.perf_counter() - loaded, device), file=sys.stderr)
     return 0
+
+
+class _Stream:
+    """One sample written to the terminal token by token (UTF-8 split across tokens held back)."""
+
+    def __init__(self, tok, prefix: str) -> None:
+        self.tok = tok
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sys.stdout.write(prefix)
+        sys.stdout.flush()
+
+    def write(self, index: int, tokens: list[int]) -> None:
+        sys.stdout.write(self.decoder.decode(self.tok.decode_bytes(tokens)))
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        sys.stdout.write(self.decoder.decode(b"", final=True) + "\n")
+
+
+def _report(result, seconds: float, device) -> str:
+    """The line after the text: tokens, decoding rate, seconds since the model was loaded."""
+    rate = result.decode_tokens_per_s
+    rate_text = f"{rate:.1f} tokens/s decoding" if rate is not None else "no decoding steps"
+    graphs = f" ({result.graphs} CUDA graphs captured in {result.capture_s:.2f} s)" if result.graphs else ""
+    step = "fused kernels" if result.fused else "PyTorch step"
+    return (
+        f"[{result.num_tokens} tokens, {rate_text}, {seconds:.2f} s since the model was loaded{graphs}; "
+        f"{device}, {step}]"
+    )

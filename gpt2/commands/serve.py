@@ -13,7 +13,7 @@ import argparse
 import gc
 import sys
 
-from gpt2.device import DTYPE_CHOICES
+from gpt2.commands.common import add_decode_kernels_argument, add_model_arguments
 
 # The engine thread and the event loop share the GIL. When the loop is busy (writing events), a
 # thread waiting for the GIL gets it only after the switch interval: Python's default of 5 ms
@@ -22,23 +22,26 @@ SWITCH_INTERVAL_S = 2e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub name, HF-format directory, checkpoint or run directory")
+    from gpt2.serve.config import ServeConfig
+
+    defaults = ServeConfig()  # the engine settings' defaults are the flags'
+    add_model_arguments(parser)
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (KV-cache slots)")
-    parser.add_argument("--max-queue", type=int, default=1024, help="sequences that may wait; more get HTTP 429")
     parser.add_argument(
-        "--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled per step (bounds the stall)"
+        "--max-batch", type=int, default=defaults.max_batch, help="sequences decoded together (KV-cache slots)"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute (and weight) precision")
     parser.add_argument(
-        "--decode-kernels",
-        choices=["auto", "fused", "torch"],
-        default="auto",
-        help="decode step: gpt2.kernels' fused Triton kernels (auto: on CUDA with triton) or the model's forward",
+        "--max-queue", type=int, default=defaults.max_queue, help="sequences that may wait; more get HTTP 429"
     )
+    parser.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=defaults.max_prefill_tokens,
+        help="prompt tokens prefilled per step (bounds the stall)",
+    )
+    add_decode_kernels_argument(parser)
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the PyTorch decode step before capturing it"
     )
@@ -67,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gpt2 import kernels
+    from gpt2.commands.common import load_for_inference, model_spec
     from gpt2.device import pick_device
-    from gpt2.serve.server import ServeConfig, run_server
+    from gpt2.serve.config import ServeConfig
+    from gpt2.serve.server import run_server
 
     device = pick_device(args.device)  # checked here; the engine process opens it
     fused = {"auto": None, "fused": True, "torch": False}[args.decode_kernels]
@@ -85,12 +90,13 @@ def run(args: argparse.Namespace) -> int:
     )
     torch.set_grad_enabled(False)
     model_id = args.served_model_name or args.model
+    spec = model_spec(args, str(device))
     if args.engine_thread:
-        service, info = _engine_in_this_process(args, device, model_id, config)
+        service, info = _engine_in_this_process(spec, model_id, config)
     else:
-        from gpt2.serve.process import ModelSpec, build_process_service
+        from gpt2.serve.process import build_process_service
 
-        service = build_process_service(ModelSpec(args.model, str(device), args.dtype), model_id, config)
+        service = build_process_service(spec, model_id, config, load=load_for_inference)
         info = service.engine.info
     where = "engine thread" if args.engine_thread else "engine process"
     print(
@@ -105,12 +111,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_in_this_process(args, device, model_id: str, config):
-    from gpt2.device import compute_dtype
-    from gpt2.model import GPT
+def _engine_in_this_process(spec, model_id: str, config):
+    from gpt2.commands.common import load_for_inference
     from gpt2.serve.server import build_service, warm_up
 
-    model = GPT.from_pretrained(args.model, device=device, dtype=compute_dtype(args.dtype, device)).eval()
+    model, device = load_for_inference(spec)
     service = build_service(model, model_id, config)
     info = {"device": str(device), "dtype": str(next(model.parameters()).dtype), **warm_up(service)}
     return service, info

@@ -26,8 +26,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gpt2.serve.engine import Engine, QueueFull
-from gpt2.serve.engine import Request as Sequence
+from gpt2.inference.engine import EngineClient
+from gpt2.inference.sampling import choice_seed
+from gpt2.inference.scheduler import QueueFull, Sequence
 from gpt2.serve.protocol import APIError, CompletionParams, parse_completion
 from gpt2.serve.stream import Completion, Mailbox
 from gpt2.serve.text import token_table
@@ -37,7 +38,7 @@ from gpt2.tokenizer import Tokenizer
 class Service:
     """What the handlers share: the engine, the tokenizer, the model's name and context."""
 
-    def __init__(self, engine: Engine, model_id: str, block_size: int, vocab_size: int) -> None:
+    def __init__(self, engine: EngineClient, model_id: str, block_size: int, vocab_size: int) -> None:
         self.engine, self.model_id = engine, model_id
         self.block_size, self.vocab_size = block_size, vocab_size
         self.tok = Tokenizer()
@@ -161,7 +162,7 @@ def _sequences(p: CompletionParams, inbox: Mailbox) -> list[Sequence]:
     for i, prompt in enumerate(p.prompts):
         for j in range(p.n):
             index = i * p.n + j
-            seed = random.getrandbits(63) if p.seed is None else (p.seed + index * 0x9E3779B97F4A7C15) % 2**63
+            seed = random.getrandbits(63) if p.seed is None else choice_seed(p.seed, index)
             seqs.append(
                 Sequence(
                     prompt=prompt,

@@ -25,11 +25,13 @@ import itertools
 import multiprocessing as mp
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 
+from gpt2.inference.load import ModelSpec, load_model
+from gpt2.inference.scheduler import Output, QueueFull, Sequence
 from gpt2.serve.app import Service
-from gpt2.serve.engine import Output, QueueFull, Request
-from gpt2.serve.server import ServeConfig
+from gpt2.serve.config import ServeConfig
 
 _FIELDS = (
     "prompt",
@@ -44,13 +46,9 @@ _FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the child needs to load the model: as `gpt2 serve`'s --model, --device, --dtype."""
-
-    model: str
-    device: str = "auto"
-    dtype: str = "auto"
+# Loads the model in the child: a module-level function (the child imports it by name), e.g.
+# gpt2.commands.common.load_for_inference, which also sets the shell's matmul precision.
+Loader = Callable[[ModelSpec], tuple]
 
 
 class EngineProcess:
@@ -59,20 +57,22 @@ class EngineProcess:
     Construction starts the child and waits until it is warmed up (`info`: block_size, vocab_size,
     device, dtype, warm-up times); start() starts delivering outputs to on_outputs."""
 
-    def __init__(self, spec: ModelSpec, config: ServeConfig, on_outputs, timeout: float = 1800) -> None:
+    def __init__(
+        self, spec: ModelSpec, config: ServeConfig, on_outputs, timeout: float = 1800, load: Loader = load_model
+    ) -> None:
         ctx = mp.get_context("spawn")  # CUDA starts fresh in the child
         child_commands, self._commands = ctx.Pipe(duplex=False)  # (receiving end, sending end)
         self._outputs, child_outputs = ctx.Pipe(duplex=False)
         self.on_outputs, self.config = on_outputs, config
         self._process = ctx.Process(
-            target=_child_main, args=(spec, asdict(config), child_commands, child_outputs), daemon=True
+            target=_child_main, args=(spec, load, asdict(config), child_commands, child_outputs), daemon=True
         )
         self._process.start()
         child_commands.close()
         child_outputs.close()
         self.info: dict = self._wait_until_ready(timeout)
         self._lock = threading.Lock()  # guards _seqs (loop thread: submit; reader thread: finishes)
-        self._seqs: dict[int, Request] = {}  # unfinished sequences by id
+        self._seqs: dict[int, Sequence] = {}  # unfinished sequences by id
         self._ids = itertools.count()
         self._stats = self.info.pop("stats")  # the engine's counters as of its last message
         self._dead: str | None = None
@@ -97,7 +97,7 @@ class EngineProcess:
 
     # --- the Engine's interface (called from the event loop) ---------------------------------------
 
-    def submit(self, requests: list[Request]) -> list[int]:
+    def submit(self, requests: list[Sequence]) -> list[int]:
         """Queue the requests (all or none) in the child; returns their ids. Raises QueueFull."""
         c = self.config
         if len(requests) > c.max_queue:
@@ -180,10 +180,11 @@ class EngineProcess:
             self.on_outputs(failed)
 
 
-def build_process_service(spec: ModelSpec, model_id: str, config: ServeConfig) -> Service:
-    """The Service over an engine process (started and warmed up; outputs flow after start())."""
+def build_process_service(spec: ModelSpec, model_id: str, config: ServeConfig, load: Loader = load_model) -> Service:
+    """The Service over an engine process (started and warmed up; outputs flow after start()),
+    whose model `load` loads (default: gpt2.inference.load.load_model)."""
     holder: list[Service] = []
-    engine = EngineProcess(spec, config, lambda outputs: holder[0].on_outputs(outputs))
+    engine = EngineProcess(spec, config, lambda outputs: holder[0].on_outputs(outputs), load=load)
     holder.append(Service(engine, model_id, engine.info["block_size"], engine.info["vocab_size"]))
     return holder[0]
 
@@ -191,14 +192,13 @@ def build_process_service(spec: ModelSpec, model_id: str, config: ServeConfig) -
 # --- the child process -----------------------------------------------------------------------------
 
 
-def _child_main(spec: ModelSpec, config: dict, commands, outputs) -> None:
+def _child_main(spec: ModelSpec, load: Loader, config: dict, commands, outputs) -> None:
     """The engine process's entry point (its application shell): load, warm up, then run the
     engine until told to stop."""
     try:
         import torch
 
-        from gpt2.device import compute_dtype, pick_device
-        from gpt2.model import GPT
+        from gpt2.device import pick_device
         from gpt2.serve.server import build_engine, warm_up_engine
 
         t0 = time.perf_counter()
@@ -206,7 +206,7 @@ def _child_main(spec: ModelSpec, config: dict, commands, outputs) -> None:
         device = pick_device(spec.device)
         if device.type == "cuda" and device.index is not None:  # "cuda" alone: the current device
             torch.cuda.set_device(device)
-        model = GPT.from_pretrained(spec.model, device=device, dtype=compute_dtype(spec.dtype, device)).eval()
+        model, _ = load(spec)
         load_s = time.perf_counter() - t0
         send_lock = threading.Lock()  # the engine thread sends outputs, the main thread the last message
         live = threading.Event()  # off during warm-up: its outputs have nobody to go to
@@ -244,7 +244,7 @@ def _child_main(spec: ModelSpec, config: dict, commands, outputs) -> None:
         except (EOFError, OSError):  # the HTTP process is gone
             kind = "stop"
         if kind == "submit":
-            requests = [Request(**dict(zip(_FIELDS, fields[1:])), handle=fields[0]) for fields in payload]
+            requests = [Sequence(**dict(zip(_FIELDS, fields[1:])), handle=fields[0]) for fields in payload]
             try:
                 engine.submit(requests)
             except Exception as e:

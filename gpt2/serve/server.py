@@ -6,26 +6,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from dataclasses import dataclass
 
+from gpt2.inference.engine import Engine
+from gpt2.inference.runner import BatchDecoder
+from gpt2.inference.scheduler import Sequence
 from gpt2.model import GPT
 from gpt2.serve.app import Service, create_app
-from gpt2.serve.batch import BatchDecoder
-from gpt2.serve.engine import Engine, Request
+from gpt2.serve.config import ServeConfig
 from gpt2.tokenizer import EOT_ID
-
-
-@dataclass
-class ServeConfig:
-    """The engine's settings (`gpt2 serve` flags of the same names)."""
-
-    max_batch: int = 32  # cache slots = sequences decoded together
-    max_queue: int = 1024  # sequences waiting for a slot before requests get 429
-    max_prefill_tokens: int = 4096  # prompt tokens prefilled per step boundary (bounds the stall)
-    cuda_graph: bool | None = None  # None: on for CUDA
-    compile: bool = False  # torch.compile the decode step before capture (the PyTorch step only)
-    fused: bool | None = None  # the decode step in gpt2.kernels (None: where they run and compile is off)
-    batch_invariant: bool = False  # exact results whatever the batch (fixed decode shape, prefill one by one)
 
 
 def build_engine(model: GPT, config: ServeConfig, on_outputs) -> Engine:
@@ -71,9 +59,9 @@ def warm_up_engine(engine: Engine) -> dict[str, float | int | str]:
     block = engine.decoder.block_size
     prompt = [min(EOT_ID, engine.vocab_size - 1)] * min(8, block - 4)  # a small test vocabulary has no EOT_ID
     warm = [
-        Request(prompt, 4),
-        Request(prompt, 4, temperature=1.0, seed=1),
-        Request(prompt, 4, temperature=0.8, top_k=5, top_p=0.9, seed=2, logprobs=2, prompt_logprobs=2),
+        Sequence(prompt, 4),
+        Sequence(prompt, 4, temperature=1.0, seed=1),
+        Sequence(prompt, 4, temperature=0.8, top_k=5, top_p=0.9, seed=2, logprobs=2, prompt_logprobs=2),
     ]
     engine.submit(warm)
     while not engine.idle:

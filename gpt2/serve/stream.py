@@ -11,8 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from gpt2.serve.engine import Output
-from gpt2.serve.engine import Request as Sequence
+from gpt2.inference.scheduler import Output, Sequence
 from gpt2.serve.protocol import APIError, CompletionParams
 from gpt2.serve.text import ChoiceText, logprobs_block
 
