@@ -1,15 +1,19 @@
-"""Decode throughput: new tokens/s of gpt2.generation.generate_tokens, fast path against the plain loop.
+"""Decode throughput: new tokens/s of the engine's in-process generation (gpt2 generate's path,
+gpt2.inference.generate) against the reference loop (gpt2.generation.generate_tokens).
 
-Each timed call is a whole generation (prefill of the prompt, graph capture where there is one,
-then max-new-tokens steps), so tokens/s = batch * new tokens / wall time of the call. Paths:
-  fast          StaticDecoder replayed as a CUDA graph (the default on CUDA)
-  fast-compile  the same step compiled with torch.compile before capture (compile=True)
-  static        StaticDecoder without the graph (fast=True, cuda_graph=False): isolates what the graph buys
-  plain         the plain loop: new index/mask tensors and ~200 kernel launches per step (fast=False)
-Greedy unless --temperature > 0; the fast paths' tokens are compared with the plain loop's.
+Each timed call is a whole generation (engine and cache set-up, graph capture where there is one,
+prefill of the prompt, then max-new-tokens steps), so tokens/s = batch * new tokens / wall time of
+the call. Paths:
+  engine        the engine with CUDA graphs and the fused decode kernels (gpt2 generate's default on CUDA)
+  engine-torch  the same with the PyTorch decode step (--decode-kernels torch)
+  engine-eager  the PyTorch step without graphs (--cuda-graph off): what the graphs buy
+  plain         the reference: new index/mask tensors and ~200 kernel launches per step
+Greedy unless --temperature > 0 (then the engine's seeded sampler and the reference's generator
+draw differently); greedy tokens are compared with the reference's.
 
   python benchmarks/bench_decode.py                       # gpt2, bf16, batch 1 and 16, 512 new tokens
-  python benchmarks/bench_decode.py --device cpu --model tiny --dtype fp32 --new-tokens 32 --batch-sizes 1,4
+  python benchmarks/bench_decode.py --device cpu --model tiny --dtype fp32 --new-tokens 32 --batch-sizes 1,4 \
+      --paths engine-eager,plain
 """
 
 from __future__ import annotations
@@ -26,13 +30,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, append_results, environment, median, sync, table  # noqa: E402
 from gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2.generation import generate_tokens  # noqa: E402
+from gpt2.inference.generate import run, sequences  # noqa: E402
 from gpt2.ops import attention_backends  # noqa: E402
 
+
+def _engine(**options):
+    def call(model, prompt, valid, args, device) -> torch.Tensor:
+        settings = dict(temperature=args.temperature, top_k=args.top_k, seed=0, stop_at_eos=False)
+        seqs = sequences(prompt.tolist(), args.new_tokens, **settings)
+        out = run(model, seqs, eos_id=model.config.vocab_size - 1, **options)
+        return torch.tensor(out.tokens, device=device)
+
+    return call
+
+
+def _plain(model, prompt, valid, args, device) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(0)
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k, generator=g)
+    return generate_tokens(model, prompt, valid, args.new_tokens, **kwargs)
+
+
 PATHS = {
-    "fast": dict(fast=True),
-    "fast-compile": dict(fast=True, compile=True),
-    "static": dict(fast=True, cuda_graph=False),
-    "plain": dict(fast=False),
+    "engine": _engine(),
+    "engine-torch": _engine(fused=False),
+    "engine-eager": _engine(fused=False, cuda_graph=False),
+    "plain": _plain,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,7 +65,7 @@ def main() -> int:
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=512)
-    p.add_argument("--paths", default="fast,plain", help=f"comma list of {', '.join(PATHS)}")
+    p.add_argument("--paths", default="engine,engine-torch,plain", help=f"comma list of {', '.join(PATHS)}")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row (median)")
@@ -94,8 +116,8 @@ def main() -> int:
     mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top_k {args.top_k}"
     info = (
         f"model {args.model} (random weights) in {args.dtype}, attention {args.attention}, "
-        f"prompt {args.prompt_len} tokens, {args.new_tokens} new, {mode}; a whole generate_tokens call timed "
-        f"(prefill and graph capture included), median of {args.repeats} after one warm-up call ('1st call s')"
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} new, {mode}; a whole generation timed "
+        f"(set-up, graph capture and prefill included), median of {args.repeats} after one warm-up call ('1st call s')"
     )
     body = f"{info}\n\n{body}"
     print("\n" + body)
@@ -103,13 +125,11 @@ def main() -> int:
     return 0
 
 
-def time_generation(model, prompt, valid, args, path: dict, device) -> tuple[torch.Tensor, float, float]:
-    """(tokens, median seconds per call, seconds of the first call) of generate_tokens."""
+def time_generation(model, prompt, valid, args, path, device) -> tuple[torch.Tensor, float, float]:
+    """(tokens, median seconds per call, seconds of the first call) of one path's generation."""
 
     def call() -> torch.Tensor:
-        g = torch.Generator(device=device).manual_seed(0)
-        kwargs = dict(temperature=args.temperature, top_k=args.top_k, generator=g)
-        return generate_tokens(model, prompt, valid, args.new_tokens, **kwargs, **path)
+        return path(model, prompt, valid, args, device)
 
     t0 = time.perf_counter()
     out = call()  # warm-up: compilation, cuBLAS/cuDNN handles
@@ -125,15 +145,12 @@ def time_generation(model, prompt, valid, args, path: dict, device) -> tuple[tor
     return out, median(times), first_s
 
 
-def profile_call(model, prompt, valid, args, path: dict, device, B: int, name: str) -> None:
-    """Kernel table (device time) of one generate_tokens call, to see where a step's time goes."""
+def profile_call(model, prompt, valid, args, path, device, B: int, name: str) -> None:
+    """Kernel table (device time) of one generation, to see where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        g = torch.Generator(device=device).manual_seed(0)
-        generate_tokens(
-            model, prompt, valid, args.new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g, **path
-        )
+        path(model, prompt, valid, args, device)
         sync(device)
     events = prof.key_averages()
     path_out = Path(args.profile_dir) / f"profile_decode_{args.model}_B{B}_{name}_{args.attention}.txt"

@@ -14,7 +14,7 @@ HuggingFace transformers' generate, plus the raw decode step and `gpt2 generate`
 3. hf: transformers.GPT2LMHeadModel.generate (greedy, KV cache, min_new_tokens = max_new_tokens)
    on the same weights at batch 1 and 16.
 4. generate (CUDA only): `gpt2 generate` end to end in a fresh process for a few answer lengths,
-   --cuda-graph on vs off: where the graph starts to pay for its capture (GRAPH_MIN_NEW_TOKENS).
+   --cuda-graph on vs off (benchmarks/bench_generate.py compares it across source trees).
 
 Every section has a time budget (--budget-scale multiplies them): a section past its budget stops
 and says what it skipped. Each section prints its rows as they finish and is appended to
@@ -341,8 +341,8 @@ async def _one_client(client, url: str, cid: int, a: dict) -> list[dict]:
 
 def step_benchmark(args, model_dir: Path, device: torch.device, deadline: float) -> str:
     from gpt2.device import compute_dtype
-    from gpt2.serve.batch import BatchDecoder
-    from gpt2.serve.sampling import GREEDY, SAMPLE
+    from gpt2.inference.runner import BatchDecoder
+    from gpt2.inference.sampling import GREEDY, SAMPLE
 
     model = GPT.from_pretrained(model_dir, device=device, dtype=compute_dtype(args.dtype, device)).eval()
     batches = [int(b) for b in args.step_batches.split(",")]
@@ -430,14 +430,15 @@ def generate_paths(args, model_dir: Path, device: torch.device, deadline: float)
             t0 = time.perf_counter()
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=left)
-                m = re.search(r"\[(\d+) tokens in ([\d.]+) s, ([\d.]+) tokens/s", r.stderr)
-                result = list(m.groups()[1:]) if m else ["failed", r.stderr.strip()[-80:]]
+                m = re.search(r"\[(\d+) tokens, ([\d.]+) tokens/s decoding, ([\d.]+) s since the model", r.stderr)
+                result = [m.group(3), m.group(2)] if m else ["failed", r.stderr.strip()[-80:]]
             except subprocess.TimeoutExpired:
                 result = ["timed out (section budget)", "-"]
             rows.append([n, graph, *result, f"{time.perf_counter() - t0:.1f}"])
             print(f"  gpt2 generate {n} tokens, graph {graph}: {rows[-1][2:]}", flush=True)
-    head = "`gpt2 generate` in a fresh process (generation timed, loading not; 'process s': the whole command)"
-    return f"{head}, --cuda-graph on vs off:\n\n" + table(["new tokens", "cuda graph", "s", "tok/s", "process s"], rows)
+    head = "`gpt2 generate` in a fresh process ('s': after loading, as it reports; 'process s': the whole command)"
+    columns = ["new tokens", "cuda graph", "s", "decode tok/s", "process s"]
+    return f"{head}, --cuda-graph on vs off:\n\n" + table(columns, rows)
 
 
 if __name__ == "__main__":

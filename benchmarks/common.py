@@ -93,7 +93,7 @@ def append_results(path: Path, title: str, device: torch.device, body: str) -> N
 
 @torch.no_grad()
 def time_decode_step(dec, B: int, L: int, pos: int, mode: int, device: torch.device, n: int = 200) -> float:
-    """Median ms of one decode step of a gpt2.serve.batch.BatchDecoder at shape (B, L, mode), every
+    """Median ms of one decode step of a gpt2.inference.runner.BatchDecoder at shape (B, L, mode), every
     row at position pos: CUDA events around a step (a graph replay where captured), else wall time."""
     for _ in range(10):
         dec.state.pos.fill_(pos)

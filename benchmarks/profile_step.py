@@ -1,6 +1,6 @@
 """Where the server's decode step spends its time: the kernels of one step, grouped by name.
 
-Runs gpt2.serve.batch.BatchDecoder's decode step eagerly under torch.profiler (CUDA kernels
+Runs gpt2.inference.runner.BatchDecoder's decode step eagerly under torch.profiler (CUDA kernels
 only) and prints, per kernel name, how many launches one step makes and their GPU time; then the
 step's time as a CUDA-graph replay. The difference between the replay and the kernels' sum is what
 the launches themselves cost inside the graph (gaps between tiny kernels).
@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import time_decode_step  # noqa: E402
 from gpt2 import GPT, GPTConfig  # noqa: E402
-from gpt2.serve.batch import BatchDecoder  # noqa: E402
-from gpt2.serve.sampling import FILTER, GREEDY, SAMPLE  # noqa: E402
+from gpt2.inference.runner import BatchDecoder  # noqa: E402
+from gpt2.inference.sampling import FILTER, GREEDY, SAMPLE  # noqa: E402
 
 MODES = {"greedy": GREEDY, "sample": SAMPLE, "filter": FILTER}
 

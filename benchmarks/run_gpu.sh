@@ -14,7 +14,7 @@ run() {
 run 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
 run 300 python benchmarks/bench_train.py --variants fast,eager,compile-logits,fast-torchce,fast-flash \
     --batch-size 64,32 --profile-dir "$out" --results "$out/RESULTS.md"
-run 120 python benchmarks/bench_decode.py --paths fast,fast-compile,plain --results "$out/RESULTS.md"
+run 120 python benchmarks/bench_decode.py --paths engine,engine-torch,plain --results "$out/RESULTS.md"
 run 60 python benchmarks/bench_prefill.py --results "$out/RESULTS.md"
 run 120 python benchmarks/bench_train.py --model gpt2-xl --variants fast-blocks --batch-size 20,16,12,8 \
     --memory-limit-gib 79 --steps 5 --warmup 2 --results "$out/RESULTS.md"
