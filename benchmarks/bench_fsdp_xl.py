@@ -1,7 +1,7 @@
 """FSDP2 training step of GPT-2 XL (1.5B) at T=1024 on N GPUs: memory per GPU, tokens/s, MFU.
 
 One step = forward + backward of a micro-batch per GPU (bf16 parameters and compute, fp32 gradient
-reduce-scatter: gpt2.fsdp.shard_model's mixed precision), gradient clipping at 1.0, AdamW (fused on
+reduce-scatter: gpt2.training.parallel.shard_model's mixed precision), gradient clipping at 1.0, AdamW (fused on
 CUDA, weight decay on 2-D parameters), zero_grad. Random tokens, rotated among a few batches.
 Each Block is one FSDP unit; optionally compiled (before sharding, so FSDP's hooks stay eager) and
 activation-checkpointed.
@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, environment, table  # noqa: E402
 from gpt2 import GPT, GPTConfig  # noqa: E402
+from gpt2.checkpoint.sharded import save_sharded  # noqa: E402
 from gpt2.distributed import all_gather_objects, barrier, destroy_distributed, init_distributed  # noqa: E402
-from gpt2.fsdp import save_sharded, shard_model  # noqa: E402
 from gpt2.metrics import flops_per_token, mfu, peak_flops  # noqa: E402
+from gpt2.training.parallel import shard_model  # noqa: E402
 
 
 def build_optimizer(model: torch.nn.Module, fused: bool) -> torch.optim.AdamW:
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace, info) -> dict:
 
 def report(args: argparse.Namespace, device: torch.device, world: int, rows: list[dict]) -> None:
     r0 = rows[0]
-    mixed = device.type == "cuda" and not args.no_mixed_precision  # gpt2.fsdp.mixed_precision_policy
+    mixed = device.type == "cuda" and not args.no_mixed_precision  # gpt2.training.parallel.mixed_precision_policy
     precision = "bf16 params/compute, fp32 reduce" if mixed else "fp32"
     slowest = max(r["ms"] for r in rows) / 1e3
     total = world * args.batch_size * args.seq_len / slowest  # every rank waits for the slowest

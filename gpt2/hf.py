@@ -121,9 +121,10 @@ def state_dict_to_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_state_dict_checked(model: nn.Module, sd: dict[str, Tensor], source: str) -> None:
-    """Copy `sd` (GPT's names) into the GPT `model`, naming the first missing, unexpected or
-    mis-shaped key; the wte/lm_head tie is kept."""
+def load_state_dict_checked(model: nn.Module, sd: dict[str, Tensor], source: str, *, assign: bool = False) -> None:
+    """Copy `sd` (GPT's names) into the GPT `model` (assign=True: make its tensors the parameters),
+    naming the first missing, unexpected or mis-shaped key; the wte/lm_head tie is kept (re-tie
+    the model after assign=True)."""
     own = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
     given = {k: v for k, v in sd.items() if k != TIED_KEY}
     missing = sorted(set(own) - set(given))
@@ -140,7 +141,7 @@ def load_state_dict_checked(model: nn.Module, sd: dict[str, Tensor], source: str
                 f"{source}: weight {k!r} has shape {tuple(given[k].shape)}, config.json implies {tuple(v.shape)}"
             )
     with torch.no_grad():
-        model.load_state_dict({**given, TIED_KEY: given[EMBEDDING_KEY]}, strict=True)
+        model.load_state_dict({**given, TIED_KEY: given[EMBEDDING_KEY]}, strict=True, assign=assign)
 
 
 def read_config(directory: Path) -> GPTConfig:

@@ -127,18 +127,32 @@ class GPT(nn.Module):
         """Load OpenAI's GPT-2 ("gpt2" ... "gpt2-xl"), an HF-format directory, one of our
         checkpoints or a training run's current one (gpt2.loading says what a name means), with
         optional config overrides (e.g. dropout=0.1). The one place a GPT is built from disk."""
-        from gpt2.hf import TIED_KEY, load_state_dict_checked
         from gpt2.loading import read_model
 
         config, state_dict, source = read_model(name_or_path)
         if config_overrides:
             config = GPTConfig.from_dict({**config.to_dict(), **config_overrides})
-        with torch.device("meta"):  # no random init of weights about to be replaced
+        return cls.from_state_dict(config, state_dict, source=source).to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state_dict: dict[str, Tensor], *, source: str = "state dict") -> GPT:
+        """GPT(config) holding the tensors of state_dict (GPT's names; the tied lm_head.weight may be
+        left out), each checked against the config's shape (a one-line ValueError naming `source`
+        otherwise), in the model's default float dtype. Tensors already contiguous and of that dtype
+        become the parameters as they are (no copy: a consolidated gpt2-xl is not held twice)."""
+        from gpt2.hf import TIED_KEY, load_state_dict_checked
+
+        dtype = torch.get_default_dtype()
+        sd = {
+            k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+            for k, v in state_dict.items()
+            if k != TIED_KEY
+        }
+        with torch.device("meta"):  # no random init of weights about to be replaced (seconds for gpt2-xl)
             model = cls(config)
-        model = model.to_empty(device="cpu")
-        load_state_dict_checked(model, {k: v for k, v in state_dict.items() if k != TIED_KEY}, source)
-        model.lm_head.weight = model.transformer.wte.weight  # to_empty broke the tie; restore it
-        return model.to(device=device, dtype=dtype)
+        load_state_dict_checked(model, sd, source, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True made them two Parameters: one again
+        return model
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write an HF-format directory (config.json, model.safetensors, tokenizer files)."""

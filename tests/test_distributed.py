@@ -125,7 +125,7 @@ def train_step(parallelism):  # its model, optimizer and graph are gone when it 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("tiny"))
     if parallelism == "fsdp":
-        from gpt2.fsdp import shard_model
+        from gpt2.training.parallel import shard_model
         wrapped = model = shard_model(model, mixed_precision=False, activation_checkpointing=False)
     else:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)

@@ -15,16 +15,8 @@ import torch
 import torch.distributed as dist
 
 from gpt2 import GPT, GPTConfig
-from gpt2.fsdp import (
-    consolidate,
-    gather_full_model,
-    is_sharded_checkpoint,
-    load_consolidated,
-    load_sharded,
-    read_extra_state,
-    save_sharded,
-    shard_model,
-)
+from gpt2.checkpoint.sharded import consolidate, is_sharded_checkpoint, load_sharded, read_extra_state, save_sharded
+from gpt2.training.parallel import gather_full_model, shard_model
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -296,7 +288,7 @@ def test_consolidate_gives_the_full_state_dict_for_export(runs, tmp_path):
     # the activation-checkpointed model's checkpoint has the same plain names
     assert set(consolidate(tmp / "ckpt_ac" / "step_00000003")) == set(full)
 
-    model = load_consolidated(tmp / "ckpt_2ranks" / "step_00000003")
+    model = GPT.from_pretrained(tmp / "ckpt_2ranks" / "step_00000003")  # consolidated in this process
     assert model.lm_head.weight is model.transformer.wte.weight
     assert torch.equal(model.transformer.wte.weight, full["transformer.wte.weight"])
     from gpt2.hf import save_pretrained
@@ -366,7 +358,7 @@ def test_untrusted_metadata_is_not_unpickled(tmp_path):
 
 
 def test_mixed_precision_is_bf16_compute_fp32_reduce_on_cuda_only():
-    from gpt2.fsdp import mixed_precision_policy
+    from gpt2.training.parallel import mixed_precision_policy
 
     on_gpu = mixed_precision_policy("cuda", True)
     assert (on_gpu.param_dtype, on_gpu.reduce_dtype) == (torch.bfloat16, torch.float32)

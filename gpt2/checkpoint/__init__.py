@@ -1,7 +1,6 @@
 """Training checkpoints: the run directory's layout, completeness and integrity rules (layout), its
-history, branches and single writer (history), HF-format
-checkpoints written by one process (full), and reading sharded DCP checkpoints (sharded; writing
-them is gpt2.fsdp's)."""
+history, branches and single writer (history), HF-format checkpoints written by one process (full),
+and sharded DCP checkpoints, written by every rank of an FSDP run and read safely (sharded)."""
 
 from gpt2.checkpoint.full import (
     STATE_FORMAT,

@@ -1,6 +1,7 @@
-"""Reading sharded (DCP) checkpoints safely, without a process group or a model.
+"""Sharded (DCP) checkpoints: writing them from every rank of an FSDP run, and reading them safely,
+into a sharded model or without a process group or a model (consolidation).
 
-A sharded checkpoint (written by gpt2.fsdp.save_sharded, one data file per rank) is
+A sharded checkpoint (written by save_sharded, one data file per rank) is
 
     step_00000500/
         .metadata, __0_0.distcp, __1_0.distcp   torch.distributed.checkpoint of {"model": weights,
@@ -13,6 +14,11 @@ DCP's reader unpickles .metadata and its planners unpickle non-tensor values wit
 weights_only=False. A checkpoint may come from elsewhere (`gpt2 export` of someone's run), so here
 both are read through allow-lists: DCP's metadata dataclasses, torch's dtypes, sizes and layouts,
 paths; and torch.load(weights_only=True) for the values. Nothing else can be built.
+
+A checkpoint is written into `.step_00000500.tmp` beside its final name by every rank and renamed by
+rank 0 once every rank's data is on disk, so a crash mid-save leaves earlier checkpoints as they
+were. With several nodes the directory must be on a filesystem that all of them share (each rank
+writes its own file). GPT.from_pretrained reads one back as one plain model in one process.
 """
 
 from __future__ import annotations
@@ -20,23 +26,27 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from gpt2.checkpoint.layout import MODEL_CONFIG, SHARDED_INDEX, STATE_FILE
+from gpt2.checkpoint.layout import MODEL_CONFIG, SHARDED_INDEX, STATE_FILE, seal_checkpoint
 from gpt2.config import GPTConfig
-from gpt2.hf import EMBEDDING_KEY, TIED_KEY, read_config
+from gpt2.distributed import is_distributed, on_main_rank
+from gpt2.fileio import atomic_write, atomic_write_json, publish_dir
+from gpt2.hf import EMBEDDING_KEY, TIED_KEY, config_to_hf, read_config
 
 MODEL_KEY, OPTIMIZER_KEY = "model", "optimizer"
 
@@ -91,6 +101,100 @@ def consolidate(directory: str | Path) -> dict[str, Tensor]:
     if MODEL_KEY not in state:
         raise ValueError(f"{directory} has no model weights; it was not written by save_sharded")
     return retie(dict(state[MODEL_KEY]))
+
+
+def save_sharded(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra_state: Mapping[str, Any],
+    *,
+    json_files: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write model + optimizer as a sharded checkpoint at `directory`, atomically; every rank calls it.
+
+    `model` is the sharded GPT (or a plain one in a single process), not compiled or DDP-wrapped.
+    `extra_state` (rank 0's is written, as trainer_state.pt) must hold only tensors, numbers,
+    strings, lists and dicts, so it loads with weights_only=True: data-loader position, RNG states,
+    step. `json_files` maps a file name to a JSON-serializable value written beside it (e.g.
+    train_config.json).
+    Returns the directory. Raises on every rank if any rank fails.
+    """
+    final = Path(directory)
+    tmp = final.with_name(f".{final.name}.tmp")
+    config = model.config
+
+    def prepare() -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that was killed
+            shutil.rmtree(tmp)
+
+    on_main_rank(prepare, f"prepare {tmp}")
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    state = {MODEL_KEY: untie(model_sd)}
+    if optimizer is not None:
+        state[OPTIMIZER_KEY] = optim_sd
+    # Returns on each rank once rank 0 holds every rank's write result and has written .metadata
+    # (an error on any rank is raised on all of them).
+    with single_process_quietly():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not is_distributed())
+
+    def finish() -> None:
+        atomic_write_json(tmp / MODEL_CONFIG, config_to_hf(config))
+        atomic_write(tmp / STATE_FILE, lambda path: torch.save(dict(extra_state), path))
+        for name, value in (json_files or {}).items():
+            atomic_write_json(tmp / name, value)
+        seal_checkpoint(tmp)  # every rank's data file is in tmp by now (dcp.save returned on all)
+        publish_dir(tmp, final)
+
+    def finish_or_clean_up() -> None:
+        try:
+            finish()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # Also the barrier that keeps other ranks from reading `final` before the rename.
+    on_main_rank(finish_or_clean_up, f"write the checkpoint {final}")
+    return final
+
+
+def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Load a save_sharded checkpoint into the GPT `model` (sharded over any number of ranks, or plain
+    in a single process; not compiled or DDP-wrapped) and `optimizer` (built for `model`; None:
+    weights only); every rank calls it. Returns the saved extra_state. DCP reshards, so N ranks'
+    checkpoints load on M ranks."""
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    differ = checkpoint_config(directory).diff(model.config)
+    if differ:
+        raise ValueError(
+            f"{directory} holds another model shape ({'; '.join(differ)}); build the model from its config.json"
+        )
+    if optimizer is not None and not any(k.startswith(OPTIMIZER_KEY + ".") for k in metadata.state_dict_metadata):
+        raise ValueError(f"{directory} was saved without optimizer state; load it with optimizer=None")
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    state = {MODEL_KEY: untie(model_sd)}
+    if optimizer is not None:
+        state[OPTIMIZER_KEY] = optim_sd
+    with single_process_quietly():
+        dcp.load(
+            state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner(), no_dist=not is_distributed()
+        )
+    model_sd = retie(state[MODEL_KEY])
+    if optimizer is None:
+        set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+    else:
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=state[OPTIMIZER_KEY])
+    return read_extra_state(directory)
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts keyed by GPT's own parameter names: DTensor shards when
+    sharded, plain tensors otherwise (DCP reshards either way on load)."""
+    if optimizer is None:
+        return get_state_dict(model, [])[0], {}
+    return get_state_dict(model, optimizer)
 
 
 def untie(model_sd: dict) -> dict:

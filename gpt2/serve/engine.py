@@ -4,7 +4,7 @@ gpt2.inference.Sequence. Names imported from here keep working for one release, 
 
 from __future__ import annotations
 
-from gpt2.serve._moved import moved
+from gpt2._compat import moved
 
 __getattr__ = moved(
     __name__,

@@ -3,6 +3,6 @@
 
 from __future__ import annotations
 
-from gpt2.serve._moved import moved
+from gpt2._compat import moved
 
 __getattr__ = moved(__name__, "gpt2.inference.sampling")

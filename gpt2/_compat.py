@@ -1,4 +1,4 @@
-"""The old import paths of names that moved to gpt2.inference: a module-level __getattr__
+"""Old import paths of names that moved: a module-level __getattr__
 (PEP 562) that finds the name at its new home and warns once per name that the old path goes
 away in the next release."""
 
