@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+VOCAB_SIZE = 50257  # GPT-2's BPE vocabulary: 50,000 merges + 256 bytes + <|endoftext|>
+
 
 @dataclass(frozen=True)
 class GPTConfig:
     """Shape of a GPT-2 model. Field names are OpenAI's / HuggingFace's (n_ctx is block_size)."""
 
     block_size: int = 1024  # maximum sequence length (learned position embeddings)
-    vocab_size: int = 50257  # GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    vocab_size: int = VOCAB_SIZE  # GPT-2's BPE tokens
     n_layer: int = 12  # number of transformer blocks
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # residual stream width

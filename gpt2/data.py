@@ -27,7 +27,6 @@ With shuffle, each epoch permutes the shard order and the chunk order within eac
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,14 +36,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gpt2.fileio import fsync_path
+from gpt2.config import VOCAB_SIZE
+from gpt2.fileio import atomic_write
 
 MAGIC = b"GPT2TOKS"
 VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sII8sQI")  # magic, version, header bytes, dtype, num tokens, vocab size
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-GPT2_VOCAB_SIZE = 50257
+MANIFEST = "manifest.json"  # a shard directory's record of its shards (gpt2 prepare writes it)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def shard_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def write_shard(path: str | Path, tokens: np.ndarray, *, vocab_size: int = GPT2_VOCAB_SIZE) -> str:
+def write_shard(path: str | Path, tokens: np.ndarray, *, vocab_size: int = VOCAB_SIZE) -> str:
     """Write 1-D token ids (all < vocab_size) as a shard and return the file's sha256 hex digest.
 
     Crash-safe: the bytes go to a hidden temporary name, are fsync'ed, then renamed over `path`,
@@ -84,14 +84,13 @@ def write_shard(path: str | Path, tokens: np.ndarray, *, vocab_size: int = GPT2_
     header = header.ljust(HEADER_BYTES, b"\0")
     digest = hashlib.sha256(header)
     digest.update(memoryview(data).cast("B"))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(memoryview(data).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(memoryview(data).cast("B"))
+
+    atomic_write(path, write)
     return digest.hexdigest()
 
 
@@ -135,7 +134,7 @@ def open_shard(path: str | Path) -> tuple[np.ndarray, int]:
             raise ValueError(f"{path} is not a readable .npy token shard ({e}); re-create it") from None
         if tokens.ndim != 1 or tokens.dtype.kind != "u":
             raise ValueError(f"{path} holds {tokens.dtype} of shape {tokens.shape}, not 1-D unsigned token ids")
-        return tokens, GPT2_VOCAB_SIZE
+        return tokens, VOCAB_SIZE
     header = read_shard_header(path)
     if header.num_tokens == 0:
         return np.zeros(0, dtype=DTYPES[header.dtype]), header.vocab_size

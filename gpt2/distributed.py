@@ -160,17 +160,6 @@ def all_reduce_sum_cpu(values: Tensor) -> Tensor:
     return summed.cpu()
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Mean of each metric over all ranks, in one collective (identity on a single process)."""
-    if not is_distributed():
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
 def any_rank(flag: bool) -> bool:
     """Whether `flag` is true on any rank (one all-reduce, so also a barrier)."""
     if not is_distributed():
@@ -205,15 +194,6 @@ def all_gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Rank `src`'s `obj` on every rank (itself on one process)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def barrier() -> None:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from gpt2.config import GPTConfig
+from gpt2.config import VOCAB_SIZE, GPTConfig
 from gpt2.fileio import atomic_write, atomic_write_json
 from gpt2.tokenizer import EOT_ID, write_hf_tokenizer_files
 
@@ -52,7 +52,7 @@ def config_from_hf(hf: dict) -> GPTConfig:
         raise ValueError(f"config.json sets n_inner={hf['n_inner']}; GPT-2's MLP is 4 * n_embd = {4 * n_embd}")
     return GPTConfig(
         block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-        vocab_size=hf.get("vocab_size", 50257),
+        vocab_size=hf.get("vocab_size", VOCAB_SIZE),
         n_layer=hf.get("n_layer", 12),
         n_head=hf.get("n_head", 12),
         n_embd=n_embd,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import tiktoken
 
+from gpt2.config import VOCAB_SIZE
 from gpt2.fileio import atomic_write_json, atomic_write_text
 
 ASSETS = Path(__file__).parent / "assets"
@@ -25,7 +26,6 @@ RANKS_FILE = ASSETS / "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
-VOCAB_SIZE = 50257
 # GPT-2's pre-tokenizer regex (contractions, letters, digits, other, whitespace).
 PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 

@@ -33,13 +33,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from gpt2.fileio import atomic_write_json, remove_dir, sha256_file
+from gpt2.hf import CONFIG_FILE, WEIGHTS_FILE  # the model's two files: HF format's names
 
 CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"
-MODEL_CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
 SHARDED_INDEX = ".metadata"  # DCP's index: its presence marks a sharded checkpoint
 MANIFEST = "checkpoint.json"
 MANIFEST_FORMAT = 1
@@ -72,7 +71,7 @@ def missing_files(ckpt: Path) -> list[str]:
     if manifest is not None:
         names = list(manifest)
     else:
-        names = [MODEL_CONFIG, SHARDED_INDEX if is_sharded(ckpt) else WEIGHTS, STATE_FILE, TRAIN_CONFIG]
+        names = [CONFIG_FILE, SHARDED_INDEX if is_sharded(ckpt) else WEIGHTS_FILE, STATE_FILE, TRAIN_CONFIG]
     return [name for name in names if not (ckpt / name).is_file()]
 
 

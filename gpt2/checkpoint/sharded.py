@@ -42,11 +42,11 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from gpt2.checkpoint.layout import MODEL_CONFIG, SHARDED_INDEX, STATE_FILE, seal_checkpoint
+from gpt2.checkpoint.layout import SHARDED_INDEX, STATE_FILE, seal_checkpoint
 from gpt2.config import GPTConfig
 from gpt2.distributed import is_distributed, on_main_rank
 from gpt2.fileio import atomic_write, atomic_write_json, publish_dir
-from gpt2.hf import EMBEDDING_KEY, TIED_KEY, config_to_hf, read_config
+from gpt2.hf import CONFIG_FILE, EMBEDDING_KEY, TIED_KEY, config_to_hf, read_config
 
 MODEL_KEY, OPTIMIZER_KEY = "model", "optimizer"
 
@@ -61,7 +61,7 @@ def read_metadata(directory: Path) -> dcp.Metadata:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"sharded checkpoint {directory} does not exist")
-    for name in (SHARDED_INDEX, MODEL_CONFIG):
+    for name in (SHARDED_INDEX, CONFIG_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(
                 f"{directory / name} not found; {directory} is not a complete sharded checkpoint (see save_sharded)"
@@ -140,7 +140,7 @@ def save_sharded(
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not is_distributed())
 
     def finish() -> None:
-        atomic_write_json(tmp / MODEL_CONFIG, config_to_hf(config))
+        atomic_write_json(tmp / CONFIG_FILE, config_to_hf(config))
         atomic_write(tmp / STATE_FILE, lambda path: torch.save(dict(extra_state), path))
         for name, value in (json_files or {}).items():
             atomic_write_json(tmp / name, value)

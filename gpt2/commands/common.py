@@ -17,13 +17,17 @@ DTYPE_HELP = "compute precision: auto (bf16 on GPUs that support it, else fp16; 
 DEVICE_HELP = "auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, device_help: str = DEVICE_HELP) -> None:
-    """--model, --device and --dtype, with the same meaning in every command."""
+def add_model_arguments(
+    parser: argparse.ArgumentParser, *, device: bool = True, dtype: bool = True, device_help: str = DEVICE_HELP
+) -> None:
+    """--model, --device and --dtype (those asked for), with the same meaning in every command."""
     from gpt2.device import DTYPE_CHOICES
 
     parser.add_argument("--model", required=True, help=MODEL_HELP)
-    parser.add_argument("--device", default="auto", help=device_help)
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    if device:
+        parser.add_argument("--device", default="auto", help=device_help)
+    if dtype:
+        parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
 def add_decode_kernels_argument(parser: argparse.ArgumentParser) -> None:

@@ -13,15 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from gpt2.commands.common import DEVICE_HELP, DTYPE_HELP, MODEL_HELP
-from gpt2.device import DTYPE_CHOICES
+from gpt2.commands.common import DEVICE_HELP, add_model_arguments
 
 TASKS = ("hellaswag", "loss", "lambada")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", choices=TASKS, help="hellaswag, loss (validation loss/perplexity) or lambada")
-    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    add_model_arguments(parser, device_help=DEVICE_HELP + " (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument(
         "--data",
         default=None,
@@ -37,10 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="examples per forward pass (hellaswag: x4 rows; loss: sequences); default 32 on GPU, 4 on CPU",
     )
-    parser.add_argument(
-        "--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP + " (as autocast; the weights stay fp32)"
-    )
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP + " (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first (GPU runs)")
@@ -71,13 +66,12 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(os.environ, args.device)  # a process group only under torchrun
     rank, world_size, device = info.rank, info.world_size, info.device
     try:
-        from gpt2 import GPT
+        from gpt2.commands.common import load_for_inference, model_spec
         from gpt2.device import autocast_dtype as autocast_dtype_for
 
-        if device.type == "cuda":
-            torch.set_float32_matmul_precision("high")
         autocast_dtype = autocast_dtype_for(args.dtype, device)
-        raw = GPT.from_pretrained(args.model, device=device).eval()
+        # fp32 weights, --dtype as autocast: scores stay comparable with fp32 runs (gpt2.device)
+        raw, _ = load_for_inference(model_spec(args, str(device)), cast_weights=False)
         model = torch.compile(raw) if args.compile else raw
         batch_size = args.batch_size or (32 if device.type == "cuda" else 4)
         is_main = rank == 0

@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gpt2 import GPT
-    from gpt2.device import DTYPES
+    from gpt2.commands.common import load_for_inference
     from gpt2.hf import save_pretrained
+    from gpt2.inference.load import ModelSpec
     from gpt2.loading import model_dir
 
     out = Path(args.out).expanduser()
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = model_dir(str(source)).path
     if out.resolve() == ckpt.resolve():
         raise ValueError(f"HF_DIR {out} is the checkpoint itself; choose another directory")
-    model = GPT.from_pretrained(ckpt, dtype=DTYPES[args.weights_dtype])
+    model, _ = load_for_inference(ModelSpec(str(ckpt), "cpu", args.weights_dtype))
     save_pretrained(model, out, tokenizer=True)
     print(f"exported {ckpt} -> {out} ({model.num_params():,} parameters, {args.weights_dtype})")
     print(f"load it with: transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}) or gpt2 generate --model {out}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2.commands.common import MODEL_HELP
+from gpt2.commands.common import add_model_arguments
 
 PROMPTS = [
     "Hello, I'm a language model,",
@@ -14,7 +14,7 @@ PROMPTS = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    add_model_arguments(parser, device=False, dtype=False)  # fp32 on the CPU, as transformers' reference
     parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed max |logit difference| (fp32)")
     parser.add_argument("--greedy-tokens", type=int, default=20)
 
@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from gpt2 import GPT
+    from gpt2.commands.common import load_for_inference
+    from gpt2.inference.load import ModelSpec
     from gpt2.loading import model_dir
     from gpt2.tokenizer import Tokenizer
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise RuntimeError("gpt2 validate needs transformers: pip install 'gpt2[hf]'") from e
     directory = model_dir(args.model).path
-    ours = GPT.from_pretrained(directory).eval()
+    ours, _ = load_for_inference(ModelSpec(str(directory), "cpu", "fp32"))
     theirs = GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()
     tok = Tokenizer()
     worst, tokens_equal = 0.0, True

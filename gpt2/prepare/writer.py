@@ -12,12 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from gpt2.data import HEADER_BYTES, read_shard_header, write_shard
+from gpt2.data import HEADER_BYTES, MANIFEST, read_shard_header, write_shard
 from gpt2.fileio import atomic_write_json, sha256_file
 from gpt2.prepare.encode import Encoded
 from gpt2.tokenizer import EOT_ID, RANKS_SHA256, VOCAB_SIZE
 
-MANIFEST = "manifest.json"
 FORMAT = "gpt2-token-shards"
 FORMAT_VERSION = 1
 SHARD_NAME = re.compile(r"_(train|val)_.*\.(bin|npy)$")

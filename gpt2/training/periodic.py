@@ -53,14 +53,9 @@ def samples(model: GPT, prompt: list[int], cfg: TrainingConfig, step: int, devic
     was_training = model.training
     model.eval()
     try:
-        # fast=False: the plain decode loop (no CUDA-graph capture in the middle of a training run)
+        # the reference's plain decode loop: nothing captured or allocated for long in the middle of training
         new = generate_batch(
-            model,
-            [prompt] * cfg.num_samples,
-            cfg.sample_tokens,
-            top_k=cfg.sample_top_k,
-            generator=generator,
-            fast=False,
+            model, [prompt] * cfg.num_samples, cfg.sample_tokens, top_k=cfg.sample_top_k, generator=generator
         )
     finally:
         model.train(was_training)

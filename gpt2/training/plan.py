@@ -147,8 +147,10 @@ def check_same_run(ckpt: Path, cfg: TrainingConfig) -> None:
 def check_data(plan: RunPlan) -> None:
     """The run's data exists and fits the model: a --data file to tokenize, or shards in data_root
     (checked again once --data is tokenized)."""
+    from gpt2.data import MANIFEST
+
     cfg = plan.config
-    if cfg.data is not None and not (plan.data_root / "manifest.json").is_file():
+    if cfg.data is not None and not (plan.data_root / MANIFEST).is_file():
         if cfg.data != BUILTIN_CORPUS and not Path(cfg.data).expanduser().is_file():
             raise FileNotFoundError(f"--data {cfg.data}: no such file; pass a .txt/.jsonl file or {BUILTIN_CORPUS}")
         return
@@ -157,7 +159,7 @@ def check_data(plan: RunPlan) -> None:
 
 def check_shards(root: Path, model_config: GPTConfig) -> None:
     """One-line errors for a missing or empty data_root and for shards of another vocabulary."""
-    from gpt2.data import find_shards, open_shard
+    from gpt2.data import MANIFEST, find_shards, open_shard
 
     if not root.exists():
         raise FileNotFoundError(
@@ -171,7 +173,7 @@ def check_shards(root: Path, model_config: GPTConfig) -> None:
                 f"{path} holds token ids up to {vocab - 1} (vocab {vocab}) but the model's vocab_size is "
                 f"{model_config.vocab_size}; these shards come from another tokenizer, re-create them with gpt2 prepare"
             )
-    manifest = root / "manifest.json"
+    manifest = root / MANIFEST
     if manifest.is_file():
         tok = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer", {})
         if tok.get("vocab_size", model_config.vocab_size) > model_config.vocab_size:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from gpt2.checkpoint.history import LOCK_FILE, RunLock
+from gpt2.device import fp32_matmul_precision
 from gpt2.distributed import DistInfo, destroy_distributed, init_distributed, on_main_rank
 from gpt2.metrics import RunLogger
 from gpt2.training.config import TrainingConfig
@@ -129,8 +130,7 @@ def keep_freed_memory(device: torch.device) -> bool:
 def configure_process(device: torch.device) -> None:
     """The process-wide settings a training process wants on its device."""
     keep_freed_memory(device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left
+    torch.set_float32_matmul_precision(fp32_matmul_precision(device))  # TF32 on CUDA for any fp32 matmul left
 
 
 def main(cfg: TrainingConfig, env: Mapping[str, str], *, stream: Any = None) -> int:
