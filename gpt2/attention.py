@@ -5,11 +5,25 @@ Shape key: B batch, T query length, S key length (cache slots), C n_embd, nh hea
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2.config import GPTConfig
+
+
+class Cache(Protocol):
+    """What an attention layer asks of a KV cache: KVCache below (gpt2.generation's reference) and
+    gpt2.inference.runner.SlotCache (the engine's) are the two."""
+
+    mask: Tensor | None  # (B, 1, T, S) or broadcastable: True / 0.0 where a query may see a key
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this pass's keys and values k, v (B, nh, T, hs) of `layer`; return the keys and
+        values (B, nh, S, hs) its queries attend to."""
+        ...
 
 
 class KVCache:
@@ -66,7 +80,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
         """x (B, T, C) -> (B, T, C). Without a cache, attention is causal over x itself."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2.attention import KVCache
+from gpt2.attention import Cache
 from gpt2.block import Block
 from gpt2.config import GPTConfig
 from gpt2.ops import linear_cross_entropy
@@ -71,13 +71,13 @@ class GPT(nn.Module):
         targets: Tensor | None = None,
         *,
         positions: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         return_logits: bool = True,
     ) -> tuple[Tensor | None, Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean
         cross-entropy over all positions (targets == -1 are ignored), else None.
 
-        positions (B, T) or (T,) default to 0..T-1; `cache` (see KVCache) is used by generation.
+        positions (B, T) or (T,) default to 0..T-1; `cache` (gpt2.attention.Cache) is used by generation.
         return_logits=False with targets returns (None, loss), the loss computed chunk by chunk
         (gpt2.ops.linear_cross_entropy) so the (B, T, V) logits never exist: the training path.
         """
@@ -90,7 +90,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def hidden_states(self, idx: Tensor, *, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, *, positions: Tensor | None = None, cache: Cache | None = None) -> Tensor:
         """idx (B, T) -> the final hidden states (B, T, C), after ln_f: what lm_head turns into
         logits. Serving uses it to compute logits only at the positions it needs."""
         B, T = idx.size()

@@ -77,7 +77,7 @@ def mixed_requests(n, seed=0):
 def test_greedy_equals_plain_generation(model):
     ps = prompts(4, seed=3)
     (tokens, _, finish) = run(model, [Sequence(p, 12, stop_at_eos=False) for p in ps])
-    ref = generate_batch(model, ps, 12, pad_id=0, temperature=0.0, fast=False)
+    ref = generate_batch(model, ps, 12, pad_id=0, temperature=0.0)
     assert tokens == ref
     assert finish == ["length"] * 4
 

@@ -64,9 +64,9 @@ class SlotCache:
     (and the scratch slot) no step's slice [:B] or [:L] spans a whole buffer, which torch.compile
     would guard on and compile once more for.
 
-    The model calls update(layer, k, v) and reads mask (see gpt2.attention.KVCache for the
-    contract). In a decode pass k, v are (B, nh, 1, hs) and go to column cols[b] of slot b; the
-    pass attends to the first L columns. In a prefill pass k, v are (B, nh, T, hs) for the slots
+    The model calls update(layer, k, v) and reads mask (the contract: gpt2.attention.Cache). In a
+    decode pass k, v are (B, nh, 1, hs) and go to column cols[b] of slot b; the pass attends to the
+    first L columns. In a prefill pass k, v are (B, nh, T, hs) for the slots
     in `rows` at columns 0..T-1, and attention runs over the prompt itself.
     """
 
