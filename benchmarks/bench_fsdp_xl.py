@@ -13,7 +13,7 @@ activation-checkpointed.
   torchrun --standalone --nproc_per_node=2 benchmarks/bench_fsdp_xl.py --device cpu --model tiny --seq-len 64 \
       --batch-size 2 --steps 2 --warmup 1 --compile none --results /tmp/RESULTS.md
 
-MFU = (6N + 12*L*H*Q*T) * tokens/s per GPU / the card's dense bf16 peak (gpt2.metrics), N the
+MFU = (6N + 12*L*H*Q*T) * tokens/s per GPU / the card's dense bf16 peak (gpt2.training.metrics), N the
 parameters without the position embeddings. Rank 0 prints the table and appends it to RESULTS.md.
 """
 
@@ -36,7 +36,7 @@ from benchmarks.common import RESULTS, environment, table  # noqa: E402
 from gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2.checkpoint.sharded import save_sharded  # noqa: E402
 from gpt2.distributed import all_gather_objects, barrier, destroy_distributed, init_distributed  # noqa: E402
-from gpt2.metrics import flops_per_token, mfu, peak_flops  # noqa: E402
+from gpt2.training.metrics import flops_per_token, mfu, peak_flops  # noqa: E402
 from gpt2.training.parallel import shard_model  # noqa: E402
 
 

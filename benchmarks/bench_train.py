@@ -47,8 +47,8 @@ from benchmarks.common import (  # noqa: E402
     table,
 )
 from gpt2 import GPT, GPTConfig  # noqa: E402
-from gpt2.metrics import flops_per_token, mfu, peak_flops  # noqa: E402
 from gpt2.training import TrainingConfig, build_optimizer  # noqa: E402
+from gpt2.training.metrics import flops_per_token, mfu, peak_flops  # noqa: E402
 from gpt2.training.step import StepKernels, apply_gradients, clip_gradients, forward_backward  # noqa: E402
 
 
@@ -74,7 +74,7 @@ VARIANTS = {
 
 
 def mfu_of(model: GPT, seq_len: int, tokens_per_s: float, device: torch.device) -> float:
-    """MFU as `gpt2 train` logs it (gpt2.metrics: 6N + 12*L*H*Q*T, N without position embeddings),
+    """MFU as `gpt2 train` logs it (gpt2.training.metrics: 6N + 12*L*H*Q*T, N without position embeddings),
     against the card's dense bf16 peak (989.4 TFLOP/s for H100/H200 SXM)."""
     if device.type != "cuda":
         return float("nan")
@@ -278,7 +278,7 @@ def main() -> int:
     info = (
         f"model {args.model}, T={args.seq_len}, autocast {args.dtype}{cap}, {args.steps} timed steps after "
         f"{args.warmup} (median; spread = (max-min)/median); MFU = (6N + 12*L*H*Q*T) * tokens/s / 989.4 TFLOP/s, "
-        "N without position embeddings (gpt2.metrics)"
+        "N without position embeddings (gpt2.training.metrics)"
     )
     body = f"{info}\n\n{body}" + "".join(f"\n- not measured: {n}" for n in notes)
     print("\n" + body)

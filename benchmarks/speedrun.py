@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS, command_line, table  # noqa: E402
-from gpt2.metrics import read_metrics  # noqa: E402
+from gpt2.checkpoint import read_metrics  # noqa: E402
 
 CONFIGS = REPO / "configs" / "speedrun"
 SOURCE = REPO / ".devcarry" / "speedrun"

@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2.checkpoint import latest_checkpoint
+from gpt2.checkpoint import latest_checkpoint, read_metrics
 from gpt2.data import write_shard
 from gpt2.distributed import DistInfo, all_gather_objects, init_distributed
-from gpt2.metrics import read_metrics
 from gpt2.training import build_config, main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from gpt2 import GPT, GPTConfig
+from gpt2.checkpoint import read_metrics
 from gpt2.cli import main as cli_main
-from gpt2.metrics import read_metrics
 from gpt2.training import TrainingConfig, build_config, build_optimizer, lr_at, lr_factor, main, micro_steps
 from gpt2.training.muon import Muon
 

@@ -23,10 +23,10 @@ from gpt2.checkpoint import (
     checkpoint_dirs,
     find_checkpoint,
     latest_checkpoint,
+    read_metrics,
     read_run_state,
 )
 from gpt2.cli import main as cli_main
-from gpt2.metrics import read_metrics
 from gpt2.training import build_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,7 +324,7 @@ def test_a_stalled_run_is_announced_before_the_collective_timeout():
     import io
     import time
 
-    from gpt2.metrics import RunLogger
+    from gpt2.training.metrics import RunLogger
     from gpt2.training.shell import StallWatch
 
     out = io.StringIO()

@@ -22,10 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from gpt2 import GPT
-from gpt2.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
+from gpt2.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, read_metrics, save_checkpoint
 from gpt2.cli import main as cli_main
 from gpt2.data import write_shard
-from gpt2.metrics import flops_per_token, peak_flops, read_metrics
 from gpt2.training import (
     QUICKSTART,
     GracefulStop,
@@ -37,6 +36,7 @@ from gpt2.training import (
     read_toml,
     train,
 )
+from gpt2.training.metrics import flops_per_token, peak_flops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,7 +215,7 @@ def test_resume_is_bit_exact_and_metrics_are_complete(data_root, tmp_path):
     assert code == 0
 
     from gpt2.distributed import DistInfo
-    from gpt2.metrics import RunLogger
+    from gpt2.training.metrics import RunLogger
 
     part = tiny(data_root, tmp_path / "part", **cfg)
     stop = GracefulStop()

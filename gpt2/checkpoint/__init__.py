@@ -38,6 +38,7 @@ from gpt2.checkpoint.layout import (
     list_checkpoints,
     newest_intact,
     prune_checkpoints,
+    read_metrics,
     seal_checkpoint,
     verified,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "load_trainer_state",
     "load_weights",
     "prune_checkpoints",
+    "read_metrics",
     "save_checkpoint",
     "write_trainer_files",
 ]

@@ -28,7 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpt2.checkpoint.layout import CHECKPOINTS, METRICS, TRAIN_CONFIG, checkpoint_dirs, checkpoint_step
+from gpt2.checkpoint.layout import (
+    CHECKPOINTS,
+    METRICS,
+    TRAIN_CONFIG,
+    checkpoint_dirs,
+    checkpoint_step,
+    read_metrics,
+)
 from gpt2.fileio import atomic_write_json, atomic_write_text
 
 RUN_STATE = "run.json"
@@ -130,7 +137,6 @@ def begin_timeline(run_dir: Path, start_step: int, log: Callable[[str], None]) -
 
 def _split_metrics(path: Path, start_step: int) -> tuple[list[dict], list[dict]]:
     """metrics.jsonl's records as (the timeline up to start_step, the records of later steps)."""
-    from gpt2.metrics import read_metrics
 
     if not path.is_file():
         return [], []

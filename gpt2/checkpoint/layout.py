@@ -4,7 +4,7 @@ this module; nothing else knows these names.
 
     RUN_DIR/
         train_config.json           the resolved TrainingConfig of the run
-        metrics.jsonl               one JSON record per step, evaluation and event (gpt2.metrics)
+        metrics.jsonl               one JSON record per step, evaluation and event (gpt2.training.metrics)
         tensorboard/                TensorBoard events (optional)
         data/                       shards of `--data FILE`, tokenized at the run's first start
         checkpoints/
@@ -31,6 +31,7 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from gpt2.fileio import atomic_write_json, remove_dir, sha256_file
 from gpt2.hf import CONFIG_FILE, WEIGHTS_FILE  # the model's two files: HF format's names
@@ -43,6 +44,21 @@ SHARDED_INDEX = ".metadata"  # DCP's index: its presence marks a sharded checkpo
 MANIFEST = "checkpoint.json"
 MANIFEST_FORMAT = 1
 _NAME = re.compile(r"step_(\d{8,})")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl file (a torn last line, from a killed run, is skipped)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def checkpoint_name(step: int) -> str:

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gpt2.plotting import plot_run
+    from gpt2.training.plotting import plot_run
 
     run_dir = Path(args.run_dir).expanduser()
     if not run_dir.is_dir():

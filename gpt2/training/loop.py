@@ -34,13 +34,13 @@ from gpt2.data import DataLoaderLite, LoaderConfig
 from gpt2.device import autocast_dtype, synchronize
 from gpt2.distributed import DistInfo, all_reduce_sum, barrier, on_main_rank
 from gpt2.fileio import atomic_write_json
-from gpt2.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops
 from gpt2.model import GPT
-from gpt2.plotting import plot_run
+from gpt2.training.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops
 from gpt2.training.optim import apply_schedule, build_optimizer
 from gpt2.training.parallel import Snapshot, make_strategy
 from gpt2.training.periodic import due, load_hellaswag_examples, oom_message, sample_prompt, samples
 from gpt2.training.plan import RunPlan, check_shards
+from gpt2.training.plotting import plot_run
 from gpt2.training.schedule import batch_lr_scale, lr_factor, micro_steps, tokens_through
 from gpt2.training.state import RngState, TrainerState
 from gpt2.training.step import StepKernels, apply_gradients, clip_gradients, forward_backward

@@ -21,9 +21,9 @@ import torch
 from gpt2.checkpoint.history import LOCK_FILE, RunLock
 from gpt2.device import fp32_matmul_precision
 from gpt2.distributed import DistInfo, destroy_distributed, init_distributed, on_main_rank
-from gpt2.metrics import RunLogger
 from gpt2.training.config import TrainingConfig
 from gpt2.training.loop import Trainer, TrainResult
+from gpt2.training.metrics import RunLogger
 from gpt2.training.plan import RunPlan, plan_run
 
 
