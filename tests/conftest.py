@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny random models, HF checkpoints made locally, paths to ../shared data."""
+"""Shared fixtures: tiny random models, token shards, the engine's answers, paths to ../shared data.
+
+Fixtures that return a function (make_tiny, make_pattern_shards, engine_tokens) serve fixtures of
+any scope and tests that need several of a kind."""
 
 from __future__ import annotations
 
@@ -31,18 +34,39 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def pattern_data(tmp_path) -> Path:
+def _pattern_shards(root: Path) -> Path:
     """Token shards of a repeating random pattern over a 128-token vocabulary (learnable, so a loss
-    falls within a few steps): 3,000 val tokens and 26,100 train tokens in tmp_path/data."""
+    falls within a few steps): 3,000 val tokens and 26,100 train tokens in root."""
     from gpt2.data import write_shard
 
-    root = tmp_path / "data"
-    root.mkdir()
+    root.mkdir(parents=True, exist_ok=True)
     stream = np.tile(np.random.default_rng(0).integers(0, 128, size=97), 300)
     write_shard(root / "t_val_000000.bin", stream[:3000], vocab_size=128)
     write_shard(root / "t_train_000001.bin", stream[3000:], vocab_size=128)
     return root
+
+
+@pytest.fixture(scope="session")
+def make_pattern_shards():
+    """make_pattern_shards(root) -> root: the pattern shards (see pattern_data) in a directory of your choice."""
+    return _pattern_shards
+
+
+@pytest.fixture
+def pattern_data(tmp_path) -> Path:
+    """The pattern shards (128-token vocabulary) in tmp_path/data."""
+    return _pattern_shards(tmp_path / "data")
+
+
+def _tiny(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.from_name("tiny", **overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def make_tiny():
+    """make_tiny(seed=0, **overrides) -> a random tiny GPT in eval mode (overrides: vocab_size=512, ...)."""
+    return _tiny
 
 
 @pytest.fixture
@@ -51,6 +75,26 @@ def tiny_config() -> GPTConfig:
 
 
 @pytest.fixture
-def tiny_model(tiny_config) -> GPT:
-    torch.manual_seed(0)
-    return GPT(tiny_config).eval()
+def tiny_model() -> GPT:
+    return _tiny()
+
+
+def _engine_tokens(decoder, seqs: list, eos_id: int) -> list[list[int]]:
+    from gpt2.inference import Engine
+
+    outputs = []
+    engine = Engine(decoder, outputs.extend, eos_id=eos_id)
+    engine.submit(seqs)
+    while not engine.idle:
+        engine.iterate()
+    tokens = {id(s): [] for s in seqs}
+    for o in outputs:
+        tokens[id(o.request)] += o.tokens
+    return [tokens[id(s)] for s in seqs]
+
+
+@pytest.fixture(scope="session")
+def engine_tokens():
+    """engine_tokens(decoder, seqs, eos_id) -> each sequence's new tokens from an Engine over the
+    decoder (a gpt2.inference.BatchDecoder), stepped in this thread until idle."""
+    return _engine_tokens

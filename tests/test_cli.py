@@ -1,5 +1,10 @@
-"""The `gpt2` command as a user runs it: exit codes and one-line errors."""
+"""The `gpt2` command as a user runs it: exit codes and one-line errors. The commands run in this
+process through gpt2.cli.main (a subprocess costs seconds of imports each); one smoke test runs
+`python -m gpt2` for real."""
 
+import contextlib
+import io
+import os
 import subprocess
 import sys
 
@@ -9,8 +14,32 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 
-def gpt2(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "gpt2", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def gpt2(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`gpt2 ARGS` through gpt2.cli.main in this process: its exit code, stdout and stderr (the
+    torch settings a command changes for its process are put back)."""
+    from gpt2.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    grad, precision, here = torch.is_grad_enabled(), torch.get_float32_matmul_precision(), os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse: --help, usage errors
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    finally:
+        os.chdir(here)
+        torch.set_grad_enabled(grad)
+        torch.set_float32_matmul_precision(precision)
+    return subprocess.CompletedProcess(["gpt2", *args], code, out.getvalue(), err.getvalue())
+
+
+def gpt2_process(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m gpt2 ARGS` in a fresh process, as a user runs it."""
+    argv = [sys.executable, "-m", "gpt2", *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +59,27 @@ def test_help_lists_commands():
         assert cmd in r.stdout
 
 
+GENERATE = ("generate", "--prompt", "Once upon a time", "--max-new-tokens", "8", "--no-stop")
+
+
 def test_generate_streams_and_reports_speed(hf_dir):
-    r = gpt2("generate", "--model", str(hf_dir), "--prompt", "Once upon a time", "--max-new-tokens", "8", "--no-stop")
+    r = gpt2(*GENERATE, "--model", hf_dir)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Once upon a time")
     assert "tokens/s" in r.stderr
+
+
+@pytest.mark.slow
+def test_the_command_runs_as_a_process(hf_dir):
+    """The one smoke test of the real entry point (python -m gpt2: imports, exit code, streams)."""
+    r = gpt2_process(*GENERATE, "--model", hf_dir)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time")
+    assert "tokens/s" in r.stderr
+    bad = gpt2_process(*GENERATE, "--model", hf_dir, "--top-k", "0")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "gpt2 generate: error: top_k must be >= 1 (or unset for no limit), got 0"
+    ]
 
 
 def test_generate_several_samples(hf_dir):

@@ -15,12 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from gpt2.checkpoint import latest_checkpoint, read_metrics
-from gpt2.data import write_shard
 from gpt2.distributed import DistInfo, all_gather_objects, init_distributed
 from gpt2.training import build_config, main
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = 128
+VOCAB = 128  # conftest's pattern shards
 SETTINGS = {
     "model": "tiny",
     "vocab_size": VOCAB,
@@ -43,14 +42,6 @@ SETTINGS = {
 }
 
 
-def make_shards(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    stream = np.tile(np.random.default_rng(0).integers(0, VOCAB, size=97), 300)
-    write_shard(root / "t_val_000000.bin", stream[:3000], vocab_size=VOCAB)
-    write_shard(root / "t_train_000001.bin", stream[3000:], vocab_size=VOCAB)
-    return root
-
-
 def records(run_dir: Path, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
 
@@ -62,8 +53,8 @@ def test_single_process_setup_needs_no_process_group():
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp_equals_one_process_with_accumulation(tmp_path):
-    data = make_shards(tmp_path / "data")
+def test_two_process_gloo_ddp_equals_one_process_with_accumulation(tmp_path, pattern_data):
+    data = pattern_data
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
     args += ["-m", "gpt2", "train", "--data_root", str(data), "--out_dir", str(tmp_path / "ddp")]
     for k, v in SETTINGS.items():
@@ -164,10 +155,10 @@ def test_destroy_distributed_frees_the_gloo_group(tmp_path, parallelism):
 
 
 @pytest.mark.slow
-def test_two_process_fsdp_training_equals_ddp_and_resumes(tmp_path):
+def test_two_process_fsdp_training_equals_ddp_and_resumes(tmp_path, pattern_data):
     """`gpt2 train --parallelism fsdp` under torchrun: same losses as DDP; its sharded checkpoint
     resumes (same later losses) and loads as a plain model."""
-    data = make_shards(tmp_path / "data")
+    data = pattern_data
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def run(out: str, *extra: str) -> subprocess.CompletedProcess:

@@ -121,8 +121,8 @@ def test_argmax_takes_the_first_of_equal_values_as_torch():
 
 @needs_kernels
 @pytest.mark.gpu
-def test_the_server_decodes_the_same_tokens_fused_or_not():
-    from gpt2.inference import Engine, Sequence
+def test_the_server_decodes_the_same_tokens_fused_or_not(engine_tokens):
+    from gpt2.inference import Sequence
 
     model = perturbed("tiny", torch.float32)
     requests = [Sequence([3 + i, 7, 11 + i][: 1 + i % 3], 20 + 3 * i) for i in range(10)]
@@ -130,15 +130,7 @@ def test_the_server_decodes_the_same_tokens_fused_or_not():
     for fused in (False, True):
         dec = BatchDecoder(model, 4, cuda_graph=True, fused=fused, min_length_bucket=16, max_prefill_tokens=64)
         dec.capture_all()
-        outputs = []
-        engine = Engine(dec, outputs.extend, eos_id=model.config.vocab_size - 1)
-        engine.submit(requests)
-        while not engine.idle:
-            engine.iterate()
-        tokens = {id(r): [] for r in requests}
-        for o in outputs:
-            tokens[id(o.request)] += o.tokens
-        results.append([tokens[id(r)] for r in requests])
+        results.append(engine_tokens(dec, requests, eos_id=model.config.vocab_size - 1))
     assert results[0] == results[1]
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from gpt2 import GPT, GPTConfig  # noqa: E402
+from gpt2 import GPT  # noqa: E402
 from gpt2.evaluation import score_continuations  # noqa: E402
 from gpt2.serve.server import ServeConfig, ServerThread, build_service, warm_up  # noqa: E402
 from gpt2.tokenizer import Tokenizer  # noqa: E402
@@ -24,14 +24,9 @@ from gpt2.tokenizer import Tokenizer  # noqa: E402
 MODEL = "tiny-test"
 
 
-def tiny_model() -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig.from_name("tiny")).eval()
-
-
 @pytest.fixture(scope="module")
-def model() -> GPT:
-    return tiny_model()
+def model(make_tiny) -> GPT:
+    return make_tiny()
 
 
 @pytest.fixture(scope="module")
@@ -264,13 +259,13 @@ def test_batching_never_changes_results(url):
     torch.testing.assert_close(torch.tensor(a["token_logprobs"]), torch.tensor(t["token_logprobs"]), atol=1e-5, rtol=0)
 
 
-def small_server(**config):
-    service = build_service(tiny_model(), MODEL, ServeConfig(**config))
+def small_server(model, **config):
+    service = build_service(model, MODEL, ServeConfig(**config))
     return service, ServerThread(service)
 
 
-def test_full_queue_answers_429():
-    service, thread = small_server(max_batch=1, max_queue=2)
+def test_full_queue_answers_429(make_tiny):
+    service, thread = small_server(make_tiny(), max_batch=1, max_queue=2)
     engine, release = service.engine, threading.Event()
     iterate = engine.iterate
     engine.iterate = lambda: (release.wait(), iterate())  # hold the engine: requests stay queued
@@ -283,8 +278,8 @@ def test_full_queue_answers_429():
         assert [f.result().status_code for f in queued] == [200, 200]
 
 
-def test_internal_error_answers_500_and_the_server_recovers():
-    service, thread = small_server(max_batch=2)
+def test_internal_error_answers_500_and_the_server_recovers(make_tiny):
+    service, thread = small_server(make_tiny(), max_batch=2)
     decoder = service.engine.decoder
     prefill = decoder.prefill
 
@@ -302,8 +297,8 @@ def test_internal_error_answers_500_and_the_server_recovers():
         assert post(url, {"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
-def test_start_up_warms_the_http_path_without_running_the_engine():
-    service, thread = small_server(max_batch=2)
+def test_start_up_warms_the_http_path_without_running_the_engine(make_tiny):
+    service, thread = small_server(make_tiny(), max_batch=2)
     warm_up(service)
     steps = service.engine.stats()["steps"]
     with thread as url:

@@ -19,10 +19,9 @@ VOCAB = 512
 
 
 @pytest.fixture(scope="module")
-def model() -> GPT:
+def model(make_tiny) -> GPT:
     """The tiny shape with a 512-token vocabulary (sampling over 50,257 ids is what costs on a CPU)."""
-    torch.manual_seed(0)
-    return GPT(GPTConfig.from_name("tiny", vocab_size=VOCAB)).eval()
+    return make_tiny(vocab_size=VOCAB)
 
 
 def make_engine(model, max_batch=32, **kwargs):

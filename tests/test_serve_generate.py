@@ -5,11 +5,9 @@ the server's answer to a request with that seed; it captures only the decode sha
 from __future__ import annotations
 
 import pytest
-import torch
 
-from gpt2 import GPT, GPTConfig
+from gpt2 import GPT
 from gpt2.generation import generate_batch
-from gpt2.inference import Engine, Sequence
 from gpt2.inference.generate import _decode_shapes, run, sequences
 from gpt2.inference.runner import BatchDecoder
 from gpt2.inference.sampling import GREEDY, SAMPLE, choice_seed
@@ -19,43 +17,35 @@ EOS = VOCAB - 1
 
 
 @pytest.fixture(scope="module")
-def model() -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig.from_name("tiny", vocab_size=VOCAB)).eval()
+def model(make_tiny) -> GPT:
+    return make_tiny(vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def served(model, engine_tokens):
+    """served(seqs): what gpt2 serve's engine (its own decoder, default buckets) answers."""
+    return lambda seqs: engine_tokens(BatchDecoder(model, 8), seqs, eos_id=EOS)
 
 
 PROMPTS = [[5, 6, 7], [100, 200, 30, 40, 50, 60, 70, 80], [42]]
 
 
-def served(model, seqs: list[Sequence]) -> list[list[int]]:
-    """What gpt2 serve's engine (its own decoder, default buckets) answers for these sequences."""
-    outputs = []
-    engine = Engine(BatchDecoder(model, 8), outputs.extend, eos_id=EOS)
-    engine.submit(seqs)
-    while not engine.idle:
-        engine.iterate()
-    tokens = {id(s): [] for s in seqs}
-    for o in outputs:
-        tokens[id(o.request)] += o.tokens
-    return [tokens[id(s)] for s in seqs]
-
-
 @pytest.mark.parametrize("n", [1, 2, 30, 56, 57, 80])  # tiny's context is 64: 8 + 57 passes it, 80 slides
-def test_greedy_generate_equals_the_server_and_the_reference(model, n):
+def test_greedy_generate_equals_the_server_and_the_reference(model, served, n):
     seqs = sequences(PROMPTS, n, temperature=0, stop_at_eos=False)
     ours = run(model, seqs, eos_id=EOS)
     reference = generate_batch(model, PROMPTS, n, pad_id=0, temperature=0.0)
     assert ours.tokens == reference
     if all(len(p) + n <= model.config.block_size for p in PROMPTS):  # what a server accepts
-        assert ours.tokens == served(model, seqs)
+        assert ours.tokens == served(seqs)
     assert ours.finish_reasons == ["length"] * 3
 
 
-def test_seeded_samples_equal_the_servers_choices(model):
+def test_seeded_samples_equal_the_servers_choices(model, served):
     seqs = sequences(PROMPTS[:2], 20, num_samples=3, temperature=0.9, top_p=0.9, seed=5, stop_at_eos=False)
     assert [s.seed for s in seqs] == [choice_seed(5, k) for k in range(6)]  # as a request's n=3 choices
     ours = run(model, seqs, eos_id=EOS)
-    assert ours.tokens == served(model, seqs)
+    assert ours.tokens == served(seqs)
     assert ours.tokens[0] != ours.tokens[1]  # the samples of one prompt differ
     assert run(model, seqs, eos_id=EOS).tokens == ours.tokens  # and the seed fixes them
 
@@ -112,7 +102,7 @@ def test_a_prompt_longer_than_the_context_is_refused(model):
 
 
 @pytest.mark.slow
-def test_the_command_prints_what_the_server_answers_and_the_reference_makes(tmp_path, capsys):
+def test_the_command_prints_what_the_server_answers_and_the_reference_makes(tmp_path, capsys, make_tiny):
     """`gpt2 generate` (in process, through gpt2.cli.main) against gpt2 serve over HTTP and the
     reference, on a checkpoint with GPT-2's vocabulary: greedy text, and seeded samples."""
     pytest.importorskip("starlette")
@@ -122,8 +112,7 @@ def test_the_command_prints_what_the_server_answers_and_the_reference_makes(tmp_
     from gpt2.serve.server import ServerThread, build_service, warm_up
     from gpt2.tokenizer import Tokenizer
 
-    torch.manual_seed(0)
-    tiny = GPT(GPTConfig.from_name("tiny")).eval()
+    tiny = make_tiny()
     tiny.save_pretrained(tmp_path)
     tok, prompt = Tokenizer(), "Once upon a time"
     common = ["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "12", "--no-stop"]

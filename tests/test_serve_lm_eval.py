@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
-from gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2.evaluation import score_continuations  # noqa: E402
 from gpt2.serve.server import ServeConfig, ServerThread, build_service  # noqa: E402
 from gpt2.tokenizer import Tokenizer  # noqa: E402
@@ -42,14 +40,13 @@ metric_list:
 """
 
 
-def test_lm_eval_local_completions_matches_our_scoring(tmp_path, monkeypatch):
+def test_lm_eval_local_completions_matches_our_scoring(tmp_path, monkeypatch, make_tiny):
     from lm_eval.tasks import TaskManager
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name("tiny")).eval()
+    model = make_tiny()
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)  # config, weights and vocab.json / merges.txt for the tokenizer
     data = tmp_path / "docs.jsonl"

@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2.inference.load import ModelSpec  # noqa: E402
 from gpt2.serve.process import build_process_service  # noqa: E402
 from gpt2.serve.server import ServeConfig, ServerThread, build_service, warm_up  # noqa: E402
@@ -21,15 +19,10 @@ from gpt2.serve.server import ServeConfig, ServerThread, build_service, warm_up 
 pytestmark = pytest.mark.slow
 
 
-def tiny_model() -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig.from_name("tiny")).eval()
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, make_tiny):
     path = tmp_path_factory.mktemp("tiny")
-    tiny_model().save_pretrained(path)
+    make_tiny().save_pretrained(path)
     return path
 
 
@@ -47,9 +40,9 @@ BODIES = [
 ]
 
 
-def test_answers_equal_the_in_process_engines(server):
+def test_answers_equal_the_in_process_engines(server, make_tiny):
     url, _ = server
-    reference = build_service(tiny_model(), "m", ServeConfig(max_batch=4, max_queue=8))
+    reference = build_service(make_tiny(), "m", ServeConfig(max_batch=4, max_queue=8))
     warm_up(reference)
     with ServerThread(reference) as ref_url:
         for body in BODIES:

@@ -14,10 +14,9 @@ from gpt2.ops import attention_backends, linear_cross_entropy
 
 
 @pytest.fixture
-def small_model() -> GPT:
+def small_model(make_tiny) -> GPT:
     """The tiny shape with a 256-token vocabulary and a 32-token context: quick to decode on a CPU."""
-    torch.manual_seed(0)
-    return GPT(GPTConfig.from_name("tiny", vocab_size=256, block_size=32)).eval()
+    return make_tiny(vocab_size=256, block_size=32)
 
 
 def reference_ce(x, w, t):
