@@ -218,6 +218,7 @@ def _shared_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_shared_newton_schulz_on_two_gloo_processes_matches_unshared(tmp_path):
     mp.spawn(_shared_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
