@@ -76,7 +76,6 @@ def sequences(
             p,
             max_new_tokens,
             seed=choice_seed(seed % 2**63, i * num_samples + j),
-            handle=i * num_samples + j,
             **settings,
         )
         for i, p in enumerate(prompts)
@@ -94,8 +93,8 @@ def run(
     fused: bool | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
 ) -> Generation:
-    """Run the sequences (see `sequences`; handle = their index) on an engine over `model` (eval
-    mode) until all are done. on_tokens(index, new tokens) streams them as they come.
+    """Run the sequences (see `sequences`) on an engine over `model` (eval mode) until all are
+    done. on_tokens(index in seqs, new tokens) streams them as they come.
     cuda_graph (default: on CUDA) and fused (default: where the kernels run) as gpt2 serve's."""
     block = model.config.block_size
     for s in seqs:
@@ -110,6 +109,7 @@ def run(
     # the cache ends at the context: a sequence gets what fits there (the last token predicted from
     # block_size tokens), and the sliding window the rest
     engine_seqs = [_within_context(s, block) for s in seqs]
+    index = {id(s): i for i, s in enumerate(engine_seqs)}
     t0 = time.perf_counter()
     graphs = decoder.capture(_decode_shapes(decoder, engine_seqs))
     if graph:
@@ -119,7 +119,7 @@ def run(
 
     def on_outputs(outputs: list[Output]) -> None:
         for o in outputs:
-            i = o.request.handle
+            i = index[id(o.request)]
             if o.tokens:
                 clock.append(time.perf_counter())
                 out.tokens[i] += o.tokens
