@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -140,11 +140,9 @@ def run(
 
 
 def _within_context(s: Sequence, block_size: int) -> Sequence:
-    """s with max_tokens cut to what the cache holds: tokens fed at columns up to block_size - 1."""
-    fits = block_size - len(s.prompt) + 1
-    if s.max_tokens <= fits:
-        return s
-    return Sequence(**{**vars(s), "max_tokens": fits})
+    """A copy of s (its own object, even where one is passed twice) with max_tokens cut to what the
+    cache holds: tokens fed at columns up to block_size - 1."""
+    return replace(s, max_tokens=min(s.max_tokens, block_size - len(s.prompt) + 1))
 
 
 def _decode_shapes(decoder: BatchDecoder, seqs: list[Sequence]) -> list[tuple[int, int, int]]:
