@@ -1,5 +1,6 @@
-"""Muon: float64 reference steps, split (fused q/k/v) matrices, Newton–Schulz's band, exact resume, parity with
-torch.optim.Muon, bad input, and Newton–Schulz shared over two gloo processes."""
+"""Muon: float64 reference steps (also with NorMuon, cautious weight decay and Polar Express), split (fused q/k/v,
+per-head) matrices, Newton–Schulz's band, exact resume, parity with torch.optim.Muon, bad input, and Newton–Schulz
+shared over two gloo processes."""
 
 from __future__ import annotations
 

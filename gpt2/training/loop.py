@@ -16,11 +16,13 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 
 from gpt2.checkpoint import (
     TRAIN_CONFIG,
@@ -37,11 +39,12 @@ from gpt2.fileio import atomic_write_json
 from gpt2.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops
 from gpt2.model import GPT
 from gpt2.plotting import plot_run
+from gpt2.training.averaging import WeightAverage
 from gpt2.training.optim import apply_schedule, build_optimizer
 from gpt2.training.parallel import Snapshot, make_strategy
 from gpt2.training.periodic import due, load_hellaswag_examples, oom_message, sample_prompt, samples
 from gpt2.training.plan import RunPlan, check_shards
-from gpt2.training.schedule import batch_lr_scale, lr_factor, micro_steps, tokens_through
+from gpt2.training.schedule import batch_lr_scale, lr_factor, micro_steps, muon_momentum_at, seq_len_at, tokens_through
 from gpt2.training.state import RngState, TrainerState
 from gpt2.training.step import StepKernels, apply_gradients, clip_gradients, forward_backward
 
@@ -106,6 +109,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, device)
         self.train_loader, self.val_loader = self._build_loaders(data_root)
         self.per_micro = cfg.micro_batch_size * cfg.seq_len * info.world_size  # tokens of one micro-step
+        self.average = WeightAverage.from_config(self.model, cfg)
         self.state = TrainerState(
             loader=self.train_loader,
             scaler=self.scaler,
@@ -113,6 +117,7 @@ class Trainer:
             info=info,
             parallelism=self.strategy.name,
             tokens_seen=lambda step: tokens_through(step - 1, cfg, self.per_micro) if step else 0,
+            average=self.average,
         )
         self.hellaswag = load_hellaswag_examples(cfg, log.info)
         self.prompt = sample_prompt(cfg, model_config.vocab_size, log.info)
@@ -222,6 +227,8 @@ class Trainer:
                 self.evaluate(step, last=False)
                 stopping = self.train_step(step)
                 done = step + 1
+                if done == cfg.max_steps and self.average is not None and self.average.copy_to():
+                    self.log.info(f"final weights: the average of the weights since step {self.average.start}")
                 interval = cfg.checkpoint_interval
                 if stopping or done == cfg.max_steps or (interval and done % interval == 0):
                     self.checkpoint(done)
@@ -242,12 +249,12 @@ class Trainer:
         self.phase = "training"
         t0 = time.perf_counter()
         factor = lr_factor(step, cfg) * batch_lr_scale(step, cfg, self.per_micro)
-        apply_schedule(self.optimizer, cfg, factor)
+        apply_schedule(self.optimizer, cfg, factor, momentum=muon_momentum_at(step, cfg))
         self.optimizer.zero_grad(set_to_none=True)
         accum = micro_steps(step, cfg, self.per_micro)
         loss = forward_backward(
             self.train_model,
-            self.train_loader.next_batch,
+            self._batches(step),
             accum,
             amp_dtype=self.amp_dtype,
             scaler=self.scaler,
@@ -260,10 +267,25 @@ class Trainer:
         loss_value, stop_votes = (all_reduce_sum(shared) / torch.tensor([info.world_size, 1], device=device)).tolist()
         self._check_finite(step, loss_value, float(grad_norm))
         apply_gradients(self.optimizer, self.scaler)
+        if self.average is not None:
+            self.average.update(step + 1)
         synchronize(device)
         self.last_loss = loss_value
         self._log_step(step, loss_value, cfg.max_lr * factor, float(grad_norm), time.perf_counter() - t0)
         return stop_votes > 0
+
+    def _batches(self, step: int) -> Callable[[], tuple[Tensor, Tensor]]:
+        """The micro-batches of optimizer step `step`: (B, T) from the loader, or during a sequence-length
+        warmup the same tokens as (B T / t, t) rows of its shorter length t."""
+        length = seq_len_at(step, self.cfg)
+        if length == self.cfg.seq_len:
+            return self.train_loader.next_batch
+
+        def shorter() -> tuple[Tensor, Tensor]:
+            x, y = self.train_loader.next_batch()
+            return x.reshape(-1, length), y.reshape(-1, length)  # (B T / t, t)
+
+        return shorter
 
     def _check_finite(self, step: int, loss: float, norm: float) -> None:
         if math.isfinite(loss) and (self.scaler is not None or math.isfinite(norm)):
@@ -288,6 +310,8 @@ class Trainer:
             "tokens_per_sec": tokens_per_sec,
             "tokens": tokens_through(step, self.cfg, self.per_micro),
         }
+        if self.cfg.seq_len_warmup_steps:
+            record["seq_len"] = seq_len_at(step, self.cfg)
         peak = self.peak if self.amp_dtype is not None else None
         utilization = mfu(self.flops_per_token, tokens_per_sec / self.info.world_size, peak)
         if utilization is not None:

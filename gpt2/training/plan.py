@@ -22,6 +22,12 @@ from gpt2.config import GPTConfig
 from gpt2.training.config import BUILTIN_CORPUS, TrainingConfig
 
 DATA_DIR = "data"  # RUN_DIR/data: the shards of --data FILE
+# Settings that a checkpoint's optimizer state was built with, or that loading it restores over the config (torch's
+# load_state_dict keeps each saved group's options): a resume must keep them. Learning rates, weight decays, Muon's
+# momentum and the schedules are set from the config at every step, so those may change on a resume.
+RESUME_FIXED = ("beta1", "beta2", "eps", "weight_ema", "ema_start")
+RESUME_FIXED_MUON = ("embedding_beta1", "muon_nesterov", "muon_adjust_lr", "muon_split_qkv", "muon_split_heads")
+RESUME_FIXED_MUON += ("muon_normuon", "muon_normuon_beta2", "muon_cautious_wd", "muon_ns_coefficients")
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,7 @@ def check_same_run(ckpt: Path, cfg: TrainingConfig) -> None:
             f"cannot resume {ckpt} with --optimizer {cfg.optimizer}: it was trained with {optimizer}, whose state "
             f"it holds; resume with --optimizer {optimizer}, or start a new run"
         )
+    check_same_optimizer_settings(ckpt, cfg, saved_config)
     saved = saved_config.get("data")
     if cfg.data != saved:
         was = f"--data {saved} (tokenized into its {DATA_DIR}/)" if saved else f"the shards in {cfg.data_root}"
@@ -142,6 +149,32 @@ def check_same_run(ckpt: Path, cfg: TrainingConfig) -> None:
             f"cannot resume {ckpt} with --data {cfg.data}: the run trains on {was}; "
             "drop --data to continue it, or start a new run with another --out_dir"
         )
+
+
+def check_same_optimizer_settings(ckpt: Path, cfg: TrainingConfig, saved_config: dict) -> None:
+    """ValueError naming every RESUME_FIXED setting that differs from the checkpoint's (settings a checkpoint
+    predates count as their defaults)."""
+    names = RESUME_FIXED + (RESUME_FIXED_MUON if cfg.optimizer == "muon" else ())
+    defaults = TrainingConfig.__dataclass_fields__
+    differ = []
+    for name in names:
+        saved, now = saved_config.get(name, defaults[name].default), getattr(cfg, name)
+        if saved != now:
+            differ.append((name, saved, now))
+    if differ:
+        said = "; ".join(f"{name} = {_cli(saved)} (checkpoint) != {_cli(now)} (now)" for name, saved, now in differ)
+        fix = " ".join(f"--{name} {_cli(saved)}" for name, saved, _ in differ)
+        raise ValueError(
+            f"cannot resume {ckpt}: its optimizer state was built with other settings ({said}); "
+            f"resume with {fix}, or start a new run"
+        )
+
+
+def _cli(value: object) -> str:
+    """A setting as the command line takes it."""
+    if value is None:
+        return "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def check_data(plan: RunPlan) -> None:
