@@ -51,8 +51,10 @@ class Replicate:
     def wrap(self, model: GPT, *, compile: bool) -> nn.Module:
         """The module the training step calls: compiled first, then DDP-wrapped (nanoGPT's order).
         Evaluation and sampling keep using `model` itself: no second compilation for eval mode and
-        its shapes, no DDP hooks; checkpoints come from it, so they carry no `_orig_mod.`/`module.`."""
-        train_model: nn.Module = torch.compile(model) if compile else model
+        its shapes, no DDP hooks; checkpoints come from it, so they carry no `_orig_mod.`/`module.`.
+        Static shapes: training's only change of shape is a sequence-length warmup's few lengths, each
+        compiled once as its own graph (dynamo would otherwise compile the full length as a dynamic one)."""
+        train_model: nn.Module = torch.compile(model, dynamic=False) if compile else model
         if self.info.distributed and self.info.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
