@@ -16,7 +16,7 @@ wall-clock at which the val loss first reaches the baseline's final val loss (li
 evaluations), and the val loss at the baseline's full wall-clock. A 115M-token proxy is not a 10B-token
 run: docs/training.md says what the numbers do and do not show.
 
-  python benchmarks/speedrun.py carry --books 723                       # here: .devcarry/speedrun (slow: xz -9e)
+  python benchmarks/speedrun.py carry --books 700                       # here: .devcarry/speedrun (slow: xz -9e)
   python benchmarks/speedrun.py prepare [--all]                         # there: .devcarry/speedrun -> shards
   python benchmarks/speedrun.py run baseline muon-short                 # configs/speedrun/*.toml
   python benchmarks/speedrun.py run muon-short@muon_lr=6e-3,max_steps=150   # a variant of a recipe
@@ -195,7 +195,7 @@ def main() -> int:
     p.add_argument("--source", type=Path, default=SOURCE, help="train.jsonl.xz (or train330.jsonl.xz) and val.jsonl.xz")
     p.add_argument("--data", type=Path, default=SOURCE / "data", help="the proxy's shards (--all: beside it, data-all)")
     p.add_argument("--all", action="store_true", help="prepare: also every carried book (the second regime)")
-    p.add_argument("--books", type=int, default=723, help="carry: how many training books (723: all)")
+    p.add_argument("--books", type=int, default=700, help="carry: how many training books (700 fit the 64 MiB)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "speedrun", help="one run directory per recipe")
     p.add_argument("--smoke", action="store_true", help="a tiny CPU run of each recipe (checks the pipeline)")
     p.add_argument("--baseline", default="baseline", help="report: the baseline run's name")

@@ -181,11 +181,18 @@ class Series:
         return self.startup + extra + factor * self.recipe_seconds.get(recipe, 60.0)
 
     def run(
-        self, label: str, recipe: str, changes: dict[str, str], entry: dict[str, Any], lever: Lever | None = None
+        self,
+        label: str,
+        recipe: str,
+        changes: dict[str, str],
+        entry: dict[str, Any],
+        lever: Lever | None = None,
+        reserve: float = 0.0,
     ) -> Curve | None:
-        """Train one run (or skip it when it cannot finish in time); its entry joins the pack."""
+        """Train one run (or skip it when it cannot finish in time with `reserve` seconds kept for a later
+        one); its entry joins the pack."""
         entry.update(label=label, recipe=recipe, changes=changes, estimate_s=round(self.estimate(recipe, lever), 1))
-        if self.estimate(recipe, lever) > self.left():
+        if self.estimate(recipe, lever) + reserve > self.left():
             entry.update(decision=f"skipped: needs ~{entry['estimate_s']:.0f} s, {max(0, self.left()):.0f} s left")
             self._save(entry)
             return None
@@ -240,7 +247,7 @@ class Series:
             return
         self.recipe_seconds[plan.recipe] = best.train_seconds  # the levers' cost estimates, measured
         best_label, best_changes = plan.recipe, {}
-        for lever in plan.levers:
+        for n, lever in enumerate(plan.levers):
             entry = {"role": "lever", "what": lever.what, "compared_to": best_label, "baseline": "baseline"}
             entry["lever"] = {**lever.changes, **({"steps": f"x{lever.scale_steps}"} if lever.scale_steps != 1 else {})}
             if not all(key in best_changes for key in lever.needs):
@@ -248,7 +255,9 @@ class Series:
                 self._save(entry)
                 continue
             changes = variant(plan.recipe, best_changes, lever)
-            curve = self.run(lever.label, plan.recipe, changes, entry, lever)
+            later = [x for x in plan.levers[n + 1 :] if x.reach]  # keep time for the first shorter schedule
+            reserve = self.estimate(plan.recipe, later[0]) if later and not lever.reach else 0.0
+            curve = self.run(lever.label, plan.recipe, changes, entry, lever, reserve)
             if "exit" not in entry:
                 continue  # skipped: no time left for it
             kept, why = decide(lever, curve, entry["cut"], best, target, self.min_gain)

@@ -209,3 +209,18 @@ def test_two_process_ddp_with_every_lever_equals_one_process_with_accumulation(p
     np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in single], rtol=1e-5, atol=1e-6)
     val = [[r["val_loss"] for r in records(run, "eval")][-1] for run in (tmp_path / "ddp", tmp_path / "one")]
     np.testing.assert_allclose(val[0], val[1], rtol=1e-5)  # the final, averaged weights
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_lever_runs_compiled_in_bf16_on_cuda(pattern_data, tmp_path):
+    """The GPU path: torch.compile (static shapes: each warmup length its own graph), bf16 autocast, Newton-Schulz
+    and NorMuon in bf16, the fused AdamW with the embedding's own betas, the weight average on the device."""
+    cfg = tiny(pattern_data, tmp_path / "gpu", **LEVERS, device="cuda", compile=True, checkpoint_interval=0)
+    out = io.StringIO()
+    assert main(cfg, {}, stream=out) == 0
+    train = records(tmp_path / "gpu")
+    assert [r["seq_len"] for r in train] == [8, 8, 16, 16, 32, 32, 32, 32]
+    assert all(np.isfinite(r["loss"]) for r in train) and train[-1]["loss"] < train[0]["loss"] - 0.3
+    assert "compile on" in out.getvalue() and "bf16 autocast" in out.getvalue()
+    assert "final weights: the average of the weights since step 2" in out.getvalue()
