@@ -124,7 +124,9 @@ def variant(recipe: str, best: dict[str, str], lever: Lever) -> dict[str, str]:
 
 def transfer(changes: dict[str, str], source: str, target: str) -> dict[str, str]:
     """A recipe's changes carried to another recipe: step counts scaled by the ratio of their max_steps,
-    the target's own max_steps, evaluation and log intervals kept."""
+    the target's own max_steps, evaluation and log intervals kept (to the same recipe: all of them)."""
+    if source == target:
+        return dict(changes)
     ratio = recipe_values(target)["max_steps"] / recipe_values(source)["max_steps"]
     out = {}
     for key, value in changes.items():
@@ -247,6 +249,7 @@ class Series:
             return
         self.recipe_seconds[plan.recipe] = best.train_seconds  # the levers' cost estimates, measured
         best_label, best_changes = plan.recipe, {}
+        self.pack["best"] = {"label": best_label, "recipe": plan.recipe, "changes": best_changes}
         for n, lever in enumerate(plan.levers):
             entry = {"role": "lever", "what": lever.what, "compared_to": best_label, "baseline": "baseline"}
             entry["lever"] = {**lever.changes, **({"steps": f"x{lever.scale_steps}"} if lever.scale_steps != 1 else {})}

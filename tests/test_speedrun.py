@@ -85,6 +85,7 @@ def test_variants_scale_step_counts_and_carry_to_other_recipes():
     carried = transfer({"muon_momentum_warmup_steps": "30", "max_steps": "150", "muon_normuon": "true"}, "muon-short",
                        "onepass-muon")  # fmt: skip
     assert carried == {"muon_momentum_warmup_steps": "72", "muon_normuon": "true"}  # x 422 / 176; its own length
+    assert transfer({"max_steps": "150"}, "muon-short", "muon-short") == {"max_steps": "150"}
 
 
 def test_every_planned_run_is_a_valid_config():
