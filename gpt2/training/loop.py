@@ -16,13 +16,11 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
 
 from gpt2.checkpoint import (
     TRAIN_CONFIG,
@@ -36,6 +34,7 @@ from gpt2.data import DataLoaderLite, LoaderConfig
 from gpt2.device import autocast_dtype, synchronize
 from gpt2.distributed import DistInfo, all_reduce_sum, barrier, on_main_rank
 from gpt2.fileio import atomic_write_json
+from gpt2.kernels.training import fuse_mlps, use_training_kernels
 from gpt2.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops
 from gpt2.model import GPT
 from gpt2.plotting import plot_run
@@ -44,7 +43,15 @@ from gpt2.training.optim import apply_schedule, build_optimizer
 from gpt2.training.parallel import Snapshot, make_strategy
 from gpt2.training.periodic import due, load_hellaswag_examples, oom_message, sample_prompt, samples
 from gpt2.training.plan import RunPlan, check_shards
-from gpt2.training.schedule import batch_lr_scale, lr_factor, micro_steps, muon_momentum_at, seq_len_at, tokens_through
+from gpt2.training.schedule import (
+    batch_lr_scale,
+    batches_at,
+    lr_factor,
+    micro_steps,
+    muon_momentum_at,
+    seq_len_at,
+    tokens_through,
+)
 from gpt2.training.state import RngState, TrainerState
 from gpt2.training.step import StepKernels, apply_gradients, clip_gradients, forward_backward
 
@@ -96,6 +103,7 @@ class Trainer:
         self.plan, self.cfg, self.info, self.log, self.stop = plan, plan.config, info, log, stop
         cfg, device = self.cfg, info.device
         self.phase = "setup"
+        self.fused, self.kernels_line = use_training_kernels(cfg.train_kernels, device)  # before any write
         data_root = self._prepare_data()
         model_config = cfg.model_config()
         self.env = environment_info(device) if info.is_main else {}
@@ -153,6 +161,8 @@ class Trainer:
         cfg, info = self.cfg, self.info
         torch.manual_seed(cfg.seed)
         model = GPT(model_config).to(info.device)
+        if self.fused:
+            fuse_mlps(model)  # the same parameters, computed by gpt2.kernels (state_dict unchanged)
         torch.manual_seed(cfg.seed + info.rank)
         if info.device.type == "cuda":
             torch.cuda.manual_seed(cfg.seed + info.rank)
@@ -213,6 +223,7 @@ class Trainer:
             f"{cfg.total_batch_size:,} tokens/step = {cfg.micro_batch_size} x {cfg.seq_len} x {info.world_size} "
             f"x {self.plan.grad_accum_steps} accumulation"
         )
+        self.log.info(self.kernels_line)
         if info.device.type == "cuda" and self.peak is None:
             name = torch.cuda.get_device_name(info.device)
             self.log.info(f"note: unknown peak FLOP/s for {name}; MFU is not reported")
@@ -254,7 +265,7 @@ class Trainer:
         accum = micro_steps(step, cfg, self.per_micro)
         loss = forward_backward(
             self.train_model,
-            self._batches(step),
+            batches_at(step, cfg, self.train_loader.next_batch),
             accum,
             amp_dtype=self.amp_dtype,
             scaler=self.scaler,
@@ -273,19 +284,6 @@ class Trainer:
         self.last_loss = loss_value
         self._log_step(step, loss_value, cfg.max_lr * factor, float(grad_norm), time.perf_counter() - t0)
         return stop_votes > 0
-
-    def _batches(self, step: int) -> Callable[[], tuple[Tensor, Tensor]]:
-        """The micro-batches of optimizer step `step`: (B, T) from the loader, or during a sequence-length
-        warmup the same tokens as (B T / t, t) rows of its shorter length t."""
-        length = seq_len_at(step, self.cfg)
-        if length == self.cfg.seq_len:
-            return self.train_loader.next_batch
-
-        def shorter() -> tuple[Tensor, Tensor]:
-            x, y = self.train_loader.next_batch()
-            return x.reshape(-1, length), y.reshape(-1, length)  # (B T / t, t)
-
-        return shorter
 
     def _check_finite(self, step: int, loss: float, norm: float) -> None:
         if math.isfinite(loss) and (self.scaler is not None or math.isfinite(norm)):

@@ -28,6 +28,9 @@ Adaptive Gradient Algorithms").
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
+from torch import Tensor
 
 from gpt2.training.config import TrainingConfig
 
@@ -109,3 +112,19 @@ def seq_len_at(step: int, cfg: TrainingConfig) -> int:
         return cfg.seq_len
     stages = (cfg.seq_len // cfg.seq_len_warmup_start).bit_length() - 1  # doublings from start to seq_len
     return cfg.seq_len_warmup_start * 2 ** (step * stages // cfg.seq_len_warmup_steps)
+
+
+def batches_at(
+    step: int, cfg: TrainingConfig, next_batch: Callable[[], tuple[Tensor, Tensor]]
+) -> Callable[[], tuple[Tensor, Tensor]]:
+    """The micro-batches of optimizer step `step`: the loader's (B, T), or during a sequence-length warmup
+    the same tokens as (B T / t, t) rows of the step's shorter length t."""
+    length = seq_len_at(step, cfg)
+    if length == cfg.seq_len:
+        return next_batch
+
+    def shorter() -> tuple[Tensor, Tensor]:
+        x, y = next_batch()
+        return x.reshape(-1, length), y.reshape(-1, length)  # (B T / t, t)
+
+    return shorter
