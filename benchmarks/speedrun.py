@@ -4,8 +4,9 @@ The full 10B-token recipe is out of reach of a benchmark, so every recipe runs o
 
   data   the first 330 books of ../shared/data/gutenberg/train.jsonl.xz (~27.7M GPT-2 tokens) for
          training, the 28 books of val.jsonl.xz for validation, tokenized on the GPU machine with `gpt2
-         prepare` from .devcarry/speedrun (made here by `carry`: the first N books, xz -9e, under the
-         device's 64 MiB; `prepare` takes the first 330 of them, `prepare --all` every one)
+         prepare` from .devcarry/speedrun (made here by `carry`: the first 700 books, xz -9e, under the
+         device's 64 MiB; `prepare` takes the first 330 of them, `prepare --all` every one) into
+         runs/speedrun/data (never carried: prepare there, not here)
   model  GPT-2 124M, T = 1024, bf16 autocast, torch.compile, one GPU
   runs   `gpt2 train --config configs/speedrun/RECIPE.toml` itself, one fresh process per recipe, all
          sharing one inductor cache (the first run compiles, the rest hit the cache)
@@ -54,21 +55,23 @@ from benchmarks.speedrun_plans import PLANS  # noqa: E402
 from benchmarks.speedrun_report import load_curve, plot, report, report_pack  # noqa: E402
 from benchmarks.speedrun_series import Series, parse_recipe, run_name, train_command, train_process  # noqa: E402
 
-SOURCE = REPO / ".devcarry" / "speedrun"
+SOURCE = REPO / ".devcarry" / "speedrun"  # what is carried to the GPU machine: the compressed books only
+DATA = REPO / "runs" / "speedrun" / "data"  # what is made there (ignored, never carried): shards, the 330 books
 SHARED = REPO.parent / "shared" / "data" / "gutenberg"
 PROXY_BOOKS = 330
 CARRY_LIMIT = 64 * 2**20  # the device's working-tree limit, carried files included
 
 
-def proxy_source(source: Path) -> Path:
-    """train330.jsonl.xz, or the first 330 books of train.jsonl.xz written out as train330.jsonl."""
+def proxy_source(source: Path, scratch: Path) -> Path:
+    """train330.jsonl.xz, or the first 330 books of train.jsonl.xz written out as scratch/train330.jsonl."""
     if (source / "train330.jsonl.xz").is_file():
         return source / "train330.jsonl.xz"
     books = source / "train.jsonl.xz"
     if not books.is_file():
         raise SystemExit(f"neither {source}/train330.jsonl.xz nor {books} exists; make them with `speedrun.py carry`")
-    out = source / "train330.jsonl"
+    out = scratch / "train330.jsonl"
     if not out.is_file():
+        scratch.mkdir(parents=True, exist_ok=True)
         with lzma.open(books, "rt", encoding="utf-8") as f, open(out.with_suffix(".tmp"), "w", encoding="utf-8") as g:
             for _, line in zip(range(PROXY_BOOKS), f):
                 g.write(line)
@@ -79,7 +82,8 @@ def proxy_source(source: Path) -> Path:
 def prepare(source: Path, out: Path, all_books: bool = False) -> Path:
     """Tokenize the proxy (its 330 training books, or with all_books every carried one) and the validation
     books with `gpt2 prepare`; a no-op when already done."""
-    train, val = (source / "train.jsonl.xz" if all_books else proxy_source(source)), source / "val.jsonl.xz"
+    train = source / "train.jsonl.xz" if all_books else proxy_source(source, out.parent)
+    val = source / "val.jsonl.xz"
     for path in (train, val):
         if not path.is_file():
             raise SystemExit(f"{path} not found; make it with `speedrun.py carry` (see this script's docstring)")
@@ -193,7 +197,7 @@ def main() -> int:
         "recipes", nargs="*", help="run/report: names of configs/speedrun/*.toml (or variants); plan: one plan"
     )
     p.add_argument("--source", type=Path, default=SOURCE, help="train.jsonl.xz (or train330.jsonl.xz) and val.jsonl.xz")
-    p.add_argument("--data", type=Path, default=SOURCE / "data", help="the proxy's shards (--all: beside it, data-all)")
+    p.add_argument("--data", type=Path, default=DATA, help="the proxy's shards (--all: beside it, data-all)")
     p.add_argument("--all", action="store_true", help="prepare: also every carried book (the second regime)")
     p.add_argument("--books", type=int, default=700, help="carry: how many training books (700 fit the 64 MiB)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "speedrun", help="one run directory per recipe")

@@ -158,3 +158,27 @@ def test_a_series_runs_end_to_end_on_a_tiny_cpu_model(pattern_data, tmp_path):
     assert [e["label"] for e in runs] == ["baseline-timing", "muon-short", "normuon", "no-clip"]
     assert all(e["exit"] == 0 and any(r["type"] == "eval" for r in e["records"]) for e in runs)
     assert "kept?" in proc.stdout and png.stat().st_size > 10_000
+
+
+def test_carry_then_prepare_takes_the_first_books(tmp_path, monkeypatch, capsys):
+    """`carry` packs the first N books (xz) and the validation books; `prepare` tokenizes the first 330 of
+    them (here 2) into shards outside the carried folder."""
+    import lzma
+
+    from benchmarks import speedrun
+
+    shared, source, data = tmp_path / "shared", tmp_path / "carry", tmp_path / "runs" / "data"
+    shared.mkdir()
+    books = [json.dumps({"text": f"Book {i}. " + "Some words of a story. " * 200}) for i in range(4)]
+    with lzma.open(shared / "train.jsonl.xz", "wt") as f:
+        f.write("\n".join(books) + "\n")
+    with lzma.open(shared / "val.jsonl.xz", "wt") as f:
+        f.write(json.dumps({"text": "A validation book. " * 300}) + "\n")
+    speedrun.carry(3, shared, source)
+    assert "MiB of 64 MiB: fits" in capsys.readouterr().out
+    with lzma.open(source / "train.jsonl.xz", "rt") as f:
+        assert f.read().splitlines() == books[:3]
+    monkeypatch.setattr(speedrun, "PROXY_BOOKS", 2)
+    speedrun.prepare(source, data)
+    assert (data.parent / "train330.jsonl").read_text().splitlines() == books[:2]
+    assert (data / "manifest.json").is_file() and not list(source.glob("*.jsonl"))
