@@ -18,6 +18,7 @@ from typing import IO, Any
 import torch
 
 from gpt2.config import GPTConfig
+from gpt2.fileio import as_write_error
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -123,18 +124,19 @@ def _git_sha() -> str | None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl file (a torn last line, from a killed run, is skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    """Records of a metrics.jsonl file. Lines that are not records are skipped: a torn last line from
+    a killed run, and anything else that is not a JSON object (an edit, bytes that are not UTF-8)."""
+    lines = Path(path).read_bytes().splitlines()
+    return [record for record in map(parse_record, lines) if record is not None]
+
+
+def parse_record(line: bytes) -> dict[str, Any] | None:
+    """One metrics.jsonl line as its record, or None when it is not a JSON object."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def format_duration(seconds: float) -> str:
@@ -298,8 +300,11 @@ class RunLogger:
             self._wandb.log({f"{record['type']}/{k}": v for k, v in numbers.items()}, step=record["step"])
 
     def _write_files(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: one line naming the file
+            raise as_write_error(self.run_dir / METRICS_FILE, e) from e
         step = record.get("step")
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self._tb is not None and step is not None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from gpt2.checkpoint.layout import (
     CHECKPOINTS,
+    SEALED,
     STATE_FILE,
     TRAIN_CONFIG,
     checkpoint_name,
@@ -45,7 +46,8 @@ def save_checkpoint(
     tmp = fresh_tmp_dir(final)
     try:
         save_pretrained(model, tmp, tokenizer=False)
-        write_trainer_files(tmp, {"format": STATE_FORMAT, "step": step, **trainer_state}, train_config)
+        state = {"format": STATE_FORMAT, "step": step, **trainer_state, SEALED: True}
+        write_trainer_files(tmp, state, train_config)
         seal_checkpoint(tmp)
         publish_dir(tmp, final)
     except BaseException:

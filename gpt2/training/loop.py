@@ -33,7 +33,7 @@ from gpt2.checkpoint import (
 from gpt2.data import DataLoaderLite, LoaderConfig
 from gpt2.device import autocast_dtype, synchronize
 from gpt2.distributed import DistInfo, all_reduce_sum, barrier, on_main_rank
-from gpt2.fileio import atomic_write_json
+from gpt2.fileio import WriteError, as_write_error, atomic_write_json
 from gpt2.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops
 from gpt2.model import GPT
 from gpt2.plotting import plot_run
@@ -137,7 +137,9 @@ class Trainer:
             if self.info.is_main:
                 from gpt2.training.corpus import prepare_data
 
-                prepare_data(self.cfg.data, root, self.plan.run_dir, self.log.info)
+                prepare_data(
+                    self.cfg.data, root, self.plan.run_dir, self.log.info, new_run=self.plan.resume_from is None
+                )
             barrier()
             check_shards(root, self.cfg.model_config())
         return root
@@ -216,10 +218,13 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg = self.cfg
+        if self.start_step == cfg.max_steps:
+            self.log.info(f"the run is at max_steps {cfg.max_steps} already; pass a larger --max_steps to train on")
         self.log.start(self.start_step, cfg.max_steps)
         try:
             for step in range(self.start_step, cfg.max_steps):
-                self.evaluate(step, last=False)
+                if not self._evaluated(step):
+                    self.evaluate(step, last=False)
                 stopping = self.train_step(step)
                 done = step + 1
                 interval = cfg.checkpoint_interval
@@ -227,13 +232,21 @@ class Trainer:
                     self.checkpoint(done)
                 if stopping:
                     return self._stopped(done)
-            self.evaluate(cfg.max_steps, last=True)
+            if not self._evaluated(cfg.max_steps):
+                self.evaluate(cfg.max_steps, last=True)
         except torch.cuda.OutOfMemoryError as e:
             raise RuntimeError(oom_message(self.phase, cfg)) from e
+        except WriteError as e:  # between saves (metrics.jsonl, a plot)
+            raise CheckpointWriteError(f"{e}; {self._after_write_failure()}") from e
         finally:
             self.log.end_progress()
         self._plot()
         return TrainResult(cfg.max_steps, self.last_loss, self.last_ckpt, val_loss=self.last_val)
+
+    def _evaluated(self, step: int) -> bool:
+        """Whether the weights after `step` updates were evaluated already: those of the resumed
+        checkpoint, when metrics.jsonl holds their evaluation (e.g. the last one of a finished run)."""
+        return step == self.start_step and self.plan.evaluated
 
     def train_step(self, step: int) -> bool:
         """One optimizer step (the weights after `step` updates -> `step + 1`), logged; returns
@@ -348,12 +361,22 @@ class Trainer:
     def _write_failure(self, step: int, error: BaseException) -> str:
         from gpt2.checkpoint import checkpoint_name
 
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1][:120]
+        failure = as_write_error(self.plan.run_dir, error)
+        if failure is not None:
+            reason = failure.reason
+        else:
+            reason = str(error).strip().splitlines()[-1][:120] if str(error).strip() else type(error).__name__
+        where = f"checkpoint {checkpoint_name(step)} in {self.plan.run_dir}"
+        return f"could not write {where} ({reason}; is the disk full?); {self._after_write_failure()}"
+
+    def _after_write_failure(self) -> str:
+        """What is intact after a failed write, and the command that continues the run."""
         previous = self.last_ckpt or self.plan.resume_from
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        if previous is None:  # nothing to resume: a rerun of the same command sets this start's files aside
+            return "no earlier checkpoint exists: free space and run the same command again"
         return (
-            f"could not write checkpoint {checkpoint_name(step)} in {self.plan.run_dir} ({reason}; is the disk full?); "
-            f"{kept}: free space and continue with gpt2 train --resume {self.plan.run_dir}"
+            f"the previous checkpoint {previous} is intact: free space and continue with "
+            f"gpt2 train --resume {self.plan.run_dir}"
         )
 
     def _stopped(self, step: int) -> TrainResult:
@@ -368,5 +391,5 @@ class Trainer:
             return
         try:
             self.log.info(f"loss curve: {plot_run(self.plan.run_dir)}")
-        except RuntimeError as e:  # matplotlib missing: say so, the run itself succeeded
+        except (RuntimeError, OSError) as e:  # matplotlib missing, a full disk: say so, the run itself succeeded
             self.log.info(f"note: {e}")

@@ -33,10 +33,11 @@ def load_hellaswag_examples(cfg: TrainingConfig, log: Callable[[str], None]) -> 
 
 
 def sample_prompt(cfg: TrainingConfig, vocab_size: int, log: Callable[[str], None]) -> list[int]:
-    """The sample prompt's tokens, or [] (no samples) when it does not fit the model's vocabulary."""
-    from gpt2.tokenizer import Tokenizer
+    """The sample prompt's tokens (an empty prompt: the start of a document, <|endoftext|>), or [] (no
+    samples) when they do not fit the model's vocabulary."""
+    from gpt2.tokenizer import EOT_TOKEN, Tokenizer
 
-    prompt = Tokenizer().encode(cfg.sample_prompt)
+    prompt = Tokenizer().encode(cfg.sample_prompt or EOT_TOKEN)
     if cfg.sample_interval > 0 and (not prompt or max(prompt) >= vocab_size):
         log(f"note: the sample prompt does not fit the model's vocabulary ({vocab_size}); no samples")
         return []
