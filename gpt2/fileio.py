@@ -1,4 +1,5 @@
-"""Publishing files and directories: the one home of atomic writes and fsync.
+"""Publishing files and directories: the one home of atomic writes and fsync (and of reading the
+JSON files back with one-line errors).
 
 Everything gpt2 writes that someone else reads (shards, manifests, checkpoints, exports, JSON results)
 is written under a hidden temporary name beside its destination, flushed, and renamed into place, so
@@ -150,6 +151,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any, *, sort_keys: bool = False) -> Path:
     """Publish `obj` as indented JSON with a final newline (see atomic_write)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
+    """The JSON object in the file `path`; a one-line ValueError naming it when it is not UTF-8, not
+    JSON or not an object, ending with `fix` (what the user can do)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}); {fix}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}")
+    return value
 
 
 def publish_dir(tmp: Path, final: Path) -> Path:

@@ -141,8 +141,8 @@ def damaged_message(ckpt: Path, problem: str) -> str:
     if intact is None:
         return f"{problem}; no older intact checkpoint in this run"
     return (
-        f"{problem}; the newest intact checkpoint is {intact}: continue from it with --resume {intact} "
-        f"(the newer ones are moved aside, not deleted)"
+        f"{problem}; the newest intact checkpoint is {intact}: load it with --model {intact}, or continue "
+        f"training from it with gpt2 train --resume {intact} (the newer ones are moved aside, not deleted)"
     )
 
 

@@ -24,8 +24,15 @@ def load_hellaswag_examples(cfg: TrainingConfig, log: Callable[[str], None]) -> 
         log("note: HellaSwag skipped (set hellaswag_path to a hellaswag_val.jsonl, or 'download')")
         return []
     from gpt2.evaluation import load_hellaswag
+    from gpt2.evaluation.task_data import DownloadError
 
-    examples = load_hellaswag(None if cfg.hellaswag_path == "download" else cfg.hellaswag_path)
+    try:
+        examples = load_hellaswag(None if cfg.hellaswag_path == "download" else cfg.hellaswag_path)
+    except DownloadError as e:  # its advice names eval's --data; a run's flag is hellaswag_path
+        raise DownloadError(
+            f"could not download HellaSwag ({e.reason}); pass a local hellaswag_val.jsonl with --hellaswag_path FILE, "
+            "or --hellaswag_interval 0 to train without it"
+        ) from None
     if cfg.hellaswag_limit is not None:
         examples = examples[: cfg.hellaswag_limit]
     log(f"HellaSwag: {len(examples):,} examples every {cfg.hellaswag_interval} steps")

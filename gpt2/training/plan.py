@@ -4,7 +4,6 @@ no trace."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from gpt2.checkpoint import (
     verified,
 )
 from gpt2.config import GPTConfig
+from gpt2.fileio import read_json_object
 from gpt2.training.config import BUILTIN_CORPUS, TrainingConfig
 
 DATA_DIR = "data"  # RUN_DIR/data: the shards of --data FILE
@@ -209,7 +209,7 @@ def check_shards(root: Path, model_config: GPTConfig) -> None:
             )
     manifest = root / "manifest.json"
     if manifest.is_file():
-        tok = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer", {})
+        tok = read_json_object(manifest, f"re-create the shards with gpt2 prepare --out {root}").get("tokenizer", {})
         if tok.get("vocab_size", model_config.vocab_size) > model_config.vocab_size:
             raise ValueError(
                 f"{root} was tokenized with vocab_size {tok['vocab_size']} but the model has "
