@@ -7,7 +7,8 @@ this module; nothing else knows these names.
         run.json                    the current checkpoint (gpt2.checkpoint.history)
         metrics.jsonl               one JSON record per step, evaluation and event (gpt2.metrics)
         tensorboard/                TensorBoard events (optional)
-        data/                       shards of `--data FILE`, tokenized at the run's first start
+        data/                       shards of `--data FILE`, tokenized at the run's first start;
+                                    data/source.json: the size and sha256 of the file they hold
         checkpoints/
             step_00000500/          the state after 500 optimizer steps
 
