@@ -188,6 +188,19 @@ def test_a_full_disk_while_the_weights_are_written_is_one_line(pattern_data, tmp
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs RLIMIT_FSIZE")
+def test_a_full_disk_between_saves_is_one_line_too(pattern_data, tmp_path):
+    """metrics.jsonl outgrows a 4 kB cap after a few steps, long before any checkpoint."""
+    run = tmp_path / "run"
+    args = [*SHARD_RUN, "--data_root", str(pattern_data), "--out_dir", str(run), "--eval_interval", "0"]
+    proc = gpt2_process("train", *args, "--max_steps", "200", "--checkpoint_interval", "0", cap=4000)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"could not write {run / 'metrics.jsonl'} (File too large; is the disk full?)" in err
+    assert "run the same command again" in err
+
+
 def test_write_failures_are_named_and_other_errors_pass_through(tmp_path):
     from gpt2.fileio import WriteError, atomic_write
 

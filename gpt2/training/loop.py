@@ -25,6 +25,7 @@ import torch
 from gpt2.checkpoint import (
     TRAIN_CONFIG,
     begin_timeline,
+    checkpoint_name,
     failed_start,
     prune_checkpoints,
     set_aside_failed_start,
@@ -242,7 +243,7 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as e:
             raise RuntimeError(oom_message(self.phase, cfg)) from e
         except WriteError as e:  # between saves (metrics.jsonl, a plot)
-            raise CheckpointWriteError(f"{e}; {self._after_write_failure()}") from e
+            raise CheckpointWriteError(self._write_failure(str(e.path), e)) from e
         finally:
             self.log.end_progress()
         self._plot()
@@ -355,7 +356,8 @@ class Trainer:
         try:
             path = self.strategy.save(self.plan.run_dir, snap)
         except (OSError, RuntimeError) as e:  # a full disk: OSError from Python, RuntimeError from torch.save
-            raise CheckpointWriteError(self._write_failure(step, e)) from e
+            where = f"checkpoint {checkpoint_name(step)} in {self.plan.run_dir}"
+            raise CheckpointWriteError(self._write_failure(where, e)) from e
         if self.info.is_main:
             write_run_state(self.plan.run_dir, path)
             if self.cfg.keep_last_k:
@@ -363,26 +365,18 @@ class Trainer:
             self.last_ckpt = path
             self.log.info(f"saved checkpoint {path}")
 
-    def _write_failure(self, step: int, error: BaseException) -> str:
-        from gpt2.checkpoint import checkpoint_name
-
+    def _write_failure(self, what: str, error: BaseException) -> str:
+        """One line: what could not be written and why, what is intact, the command that continues."""
         failure = as_write_error(self.plan.run_dir, error)
-        if failure is not None:
-            reason = failure.reason
-        else:
-            reason = str(error).strip().splitlines()[-1][:120] if str(error).strip() else type(error).__name__
-        where = f"checkpoint {checkpoint_name(step)} in {self.plan.run_dir}"
-        return f"could not write {where} ({reason}; is the disk full?); {self._after_write_failure()}"
-
-    def _after_write_failure(self) -> str:
-        """What is intact after a failed write, and the command that continues the run."""
+        reason = failure.reason if failure is not None else (str(error).strip() or type(error).__name__)
         previous = self.last_ckpt or self.plan.resume_from
-        if previous is None:  # nothing to resume: a rerun of the same command sets this start's files aside
-            return "no earlier checkpoint exists: free space and run the same command again"
-        return (
-            f"the previous checkpoint {previous} is intact: free space and continue with "
-            f"gpt2 train --resume {self.plan.run_dir}"
+        advice = (  # with nothing to resume, a rerun of the same command sets this start's files aside
+            f"the previous checkpoint {previous} is intact: free space and continue with gpt2 train --resume "
+            f"{self.plan.run_dir}"
+            if previous is not None
+            else "no earlier checkpoint exists: free space and run the same command again"
         )
+        return f"could not write {what} ({reason.splitlines()[-1][:120]}; is the disk full?); {advice}"
 
     def _stopped(self, step: int) -> TrainResult:
         self.log.info(
