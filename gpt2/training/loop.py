@@ -33,7 +33,7 @@ from gpt2.checkpoint import (
 )
 from gpt2.data import DataLoaderLite, LoaderConfig
 from gpt2.device import autocast_dtype, synchronize
-from gpt2.distributed import DistInfo, all_reduce_sum, barrier, on_main_rank
+from gpt2.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, on_main_rank
 from gpt2.fileio import WriteError, as_write_error, atomic_write_json
 from gpt2.kernels.training import fuse_mlps, use_training_kernels
 from gpt2.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops
@@ -122,6 +122,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(model_config, self.model.num_params(non_embedding=True), cfg.seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self.start_step = self._restore()
+        self.evaluated = bool(broadcast_object(plan.evaluated))  # rank 0's metrics.jsonl decides, for all
         # Every check has passed: only now is the run directory written (by rank 0).
         on_main_rank(self._begin, f"record the run's start in {plan.run_dir}")
         self.train_model = self.strategy.wrap(self.model, compile=self.compile)
@@ -252,7 +253,7 @@ class Trainer:
     def _evaluated(self, step: int) -> bool:
         """Whether the weights after `step` updates were evaluated already: those of the resumed
         checkpoint, when metrics.jsonl holds their evaluation (e.g. the last one of a finished run)."""
-        return step == self.start_step and self.plan.evaluated
+        return step == self.start_step and self.evaluated
 
     def train_step(self, step: int) -> bool:
         """One optimizer step (the weights after `step` updates -> `step + 1`), logged; returns
