@@ -114,6 +114,6 @@ def busy_cpu_note(device) -> str:
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
         return ""
     threads, cores, load = torch.get_num_threads(), os.cpu_count() or 1, os.getloadavg()[0]
-    if threads < 2 or load + threads <= cores:
+    if threads < 2 or load < 1 or load + threads <= cores:  # load < 1: no other process keeps a core busy
         return ""
     return f"; {threads} threads on {cores} busy cores (load {load:.1f}): OMP_NUM_THREADS=1 may be much faster"
