@@ -27,7 +27,6 @@ With shuffle, each epoch permutes the shard order and the chunk order within eac
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gpt2.fileio import fsync_path
+from gpt2.fileio import atomic_write
 
 MAGIC = b"GPT2TOKS"
 VERSION = 1
@@ -84,14 +83,13 @@ def write_shard(path: str | Path, tokens: np.ndarray, *, vocab_size: int = GPT2_
     header = header.ljust(HEADER_BYTES, b"\0")
     digest = hashlib.sha256(header)
     digest.update(memoryview(data).cast("B"))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(memoryview(data).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(memoryview(data).cast("B"))
+
+    atomic_write(path, write)  # a full disk: a one-line WriteError naming the shard
     return digest.hexdigest()
 
 

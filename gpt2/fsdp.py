@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from gpt2.checkpoint.layout import MODEL_CONFIG, STATE_FILE, seal_checkpoint
+from gpt2.checkpoint.layout import MODEL_CONFIG, SEALED, STATE_FILE, seal_checkpoint
 from gpt2.checkpoint.sharded import (
     MODEL_KEY,
     OPTIMIZER_KEY,
@@ -174,7 +174,7 @@ def save_sharded(
 
     def finish() -> None:
         atomic_write_json(tmp / MODEL_CONFIG, config_to_hf(config))
-        atomic_write(tmp / STATE_FILE, lambda path: torch.save(dict(extra_state), path))
+        atomic_write(tmp / STATE_FILE, lambda path: torch.save({**extra_state, SEALED: True}, path))
         for name, value in (json_files or {}).items():
             atomic_write_json(tmp / name, value)
         seal_checkpoint(tmp)  # every rank's data file is in tmp by now (dcp.save returned on all)

@@ -18,6 +18,7 @@ from typing import IO, Any
 import torch
 
 from gpt2.config import GPTConfig
+from gpt2.fileio import as_write_error
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -111,7 +112,9 @@ def _git_sha() -> str | None:
         if out.returncode != 0:
             return None
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # --no-optional-locks: a query never writes the index (a full disk or the timeout could leave
+            # a stale .git/index.lock in the user's checkout)
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
             cwd=Path(__file__).parent,
             capture_output=True,
             text=True,
@@ -123,18 +126,19 @@ def _git_sha() -> str | None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl file (a torn last line, from a killed run, is skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    """Records of a metrics.jsonl file. Lines that are not records are skipped: a torn last line from
+    a killed run, and anything else that is not a JSON object (an edit, bytes that are not UTF-8)."""
+    lines = Path(path).read_bytes().splitlines()
+    return [record for record in map(parse_record, lines) if record is not None]
+
+
+def parse_record(line: bytes) -> dict[str, Any] | None:
+    """One metrics.jsonl line as its record, or None when it is not a JSON object."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def format_duration(seconds: float) -> str:
@@ -182,6 +186,7 @@ class RunLogger:
         self.tty = tty
         self.log_interval = max(1, log_interval)
         self._file: IO[str] | None = None
+        self._write_failed = False  # metrics.jsonl could not be written (reported once, not again on close)
         self._tb = None
         self._wandb = None
         self._bar = None
@@ -298,8 +303,12 @@ class RunLogger:
             self._wandb.log({f"{record['type']}/{k}": v for k, v in numbers.items()}, step=record["step"])
 
     def _write_files(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: one line naming the file
+            self._write_failed = True
+            raise as_write_error(self.run_dir / METRICS_FILE, e) from e
         step = record.get("step")
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self._tb is not None and step is not None:
@@ -337,8 +346,12 @@ class RunLogger:
     def close(self) -> None:
         self.end_progress()
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as e:  # the buffered tail of a write that failed (reported already), or a new failure
+                if not self._write_failed:
+                    raise as_write_error(self.run_dir / METRICS_FILE, e) from e
         if self._tb is not None:
             self._tb.close()
             self._tb = None

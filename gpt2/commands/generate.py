@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import sys
 import time
 
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("empty prompt; pass some text, or omit --prompt to start a new document")
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise ValueError("--num-samples and --max-new-tokens must be >= 1")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in 0..{2**63 - 1}, got {args.seed}")
     tok = Tokenizer()
     prompt_ids = tok.encode(args.prompt)
     model, device = load_for_inference(args)
@@ -53,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"prompt has {len(prompt_ids)} tokens but the model's context is {model.config.block_size}; shorten it"
         )
+    if max(prompt_ids) >= model.config.vocab_size:
+        raise ValueError(
+            f"the prompt holds token id {max(prompt_ids)}, outside the model's vocabulary of "
+            f"{model.config.vocab_size}; this model was trained on other token ids than GPT-2's tokenizer gives"
+        )
+    busy = busy_cpu_note(device)  # measured before our own threads load the machine
     generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
     valid = torch.ones_like(idx, dtype=torch.bool)
@@ -92,5 +101,19 @@ def run(args: argparse.Namespace) -> int:
                 row = row[: row.index(tok.eot_id)]
             print(f"--- sample {i + 1} ---\n{shown_prompt}{tok.decode(row)}")
     n_new = new.numel()
-    print(f"[{n_new} tokens in {dt:.2f} s, {n_new / dt:.1f} tokens/s on {device}]", file=sys.stderr)
+    print(f"[{n_new} tokens in {dt:.2f} s, {n_new / dt:.1f} tokens/s on {device}{busy}]", file=sys.stderr)
     return 0
+
+
+def busy_cpu_note(device) -> str:
+    """A note for the speed line when torch's CPU threads would oversubscribe a machine that other
+    processes keep busy: OpenMP threads then wait on each other (measured on 2 busy cores: 12.9
+    tokens/s with torch's default threads, 109 with OMP_NUM_THREADS=1)."""
+    import torch
+
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return ""
+    threads, cores, load = torch.get_num_threads(), os.cpu_count() or 1, os.getloadavg()[0]
+    if threads < 2 or load < 1 or load + threads <= cores:  # load < 1: no other process keeps a core busy
+        return ""
+    return f"; {threads} threads on {cores} busy cores (load {load:.1f}): OMP_NUM_THREADS=1 may be much faster"

@@ -227,6 +227,8 @@ class TrainingConfig:
             raise ValueError("activation_checkpointing needs --parallelism fsdp")
         if self.parallelism == "fsdp" and self.dtype == "fp16":
             raise ValueError("fsdp trains in bf16 or fp32; use --dtype bf16 or fp32")
+        if not 0 <= self.seed < 2**62:  # seed + rank, seed + step: still seeds torch and numpy take
+            raise ValueError(f"seed must be in 0..{2**62 - 1}, got {self.seed}")
         if self.hellaswag_limit is not None and self.hellaswag_limit < 1:
             raise ValueError(f"hellaswag_limit must be >= 1 (or unset for all), got {self.hellaswag_limit}")
 

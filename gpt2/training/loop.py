@@ -25,6 +25,7 @@ import torch
 from gpt2.checkpoint import (
     TRAIN_CONFIG,
     begin_timeline,
+    checkpoint_name,
     failed_start,
     prune_checkpoints,
     set_aside_failed_start,
@@ -32,8 +33,8 @@ from gpt2.checkpoint import (
 )
 from gpt2.data import DataLoaderLite, LoaderConfig
 from gpt2.device import autocast_dtype, synchronize
-from gpt2.distributed import DistInfo, all_reduce_sum, barrier, on_main_rank
-from gpt2.fileio import atomic_write_json
+from gpt2.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, on_main_rank
+from gpt2.fileio import WriteError, as_write_error, atomic_write_json
 from gpt2.kernels.training import fuse_mlps, use_training_kernels
 from gpt2.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops
 from gpt2.model import GPT
@@ -132,6 +133,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(model_config, self.model.num_params(non_embedding=True), cfg.seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self.start_step = self._restore()
+        self.evaluated = bool(broadcast_object(plan.evaluated))  # rank 0's metrics.jsonl decides, for all
         # Every check has passed: only now is the run directory written (by rank 0).
         on_main_rank(self._begin, f"record the run's start in {plan.run_dir}")
         self.train_model = self.strategy.wrap(self.model, compile=self.compile)
@@ -150,7 +152,9 @@ class Trainer:
             if self.info.is_main:
                 from gpt2.training.corpus import prepare_data
 
-                prepare_data(self.cfg.data, root, self.plan.run_dir, self.log.info)
+                prepare_data(
+                    self.cfg.data, root, self.plan.run_dir, self.log.info, new_run=self.plan.resume_from is None
+                )
             barrier()
             check_shards(root, self.cfg.model_config())
         return root
@@ -232,10 +236,13 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg = self.cfg
+        if self.start_step == cfg.max_steps:
+            self.log.info(f"the run is at max_steps {cfg.max_steps} already; pass a larger --max_steps to train on")
         self.log.start(self.start_step, cfg.max_steps)
         try:
             for step in range(self.start_step, cfg.max_steps):
-                self.evaluate(step, last=False)
+                if not self._evaluated(step):
+                    self.evaluate(step, last=False)
                 stopping = self.train_step(step)
                 done = step + 1
                 if done == cfg.max_steps and self.average is not None and self.average.copy_to():
@@ -245,13 +252,21 @@ class Trainer:
                     self.checkpoint(done)
                 if stopping:
                     return self._stopped(done)
-            self.evaluate(cfg.max_steps, last=True)
+            if not self._evaluated(cfg.max_steps):
+                self.evaluate(cfg.max_steps, last=True)
         except torch.cuda.OutOfMemoryError as e:
             raise RuntimeError(oom_message(self.phase, cfg)) from e
+        except WriteError as e:  # between saves (metrics.jsonl, a plot)
+            raise CheckpointWriteError(self._write_failure(str(e.path), e)) from e
         finally:
             self.log.end_progress()
         self._plot()
         return TrainResult(cfg.max_steps, self.last_loss, self.last_ckpt, val_loss=self.last_val)
+
+    def _evaluated(self, step: int) -> bool:
+        """Whether the weights after `step` updates were evaluated already: those of the resumed
+        checkpoint, when metrics.jsonl holds their evaluation (e.g. the last one of a finished run)."""
+        return step == self.start_step and self.evaluated
 
     def train_step(self, step: int) -> bool:
         """One optimizer step (the weights after `step` updates -> `step + 1`), logged; returns
@@ -359,7 +374,8 @@ class Trainer:
         try:
             path = self.strategy.save(self.plan.run_dir, snap)
         except (OSError, RuntimeError) as e:  # a full disk: OSError from Python, RuntimeError from torch.save
-            raise CheckpointWriteError(self._write_failure(step, e)) from e
+            where = f"checkpoint {checkpoint_name(step)} in {self.plan.run_dir}"
+            raise CheckpointWriteError(self._write_failure(where, e)) from e
         if self.info.is_main:
             write_run_state(self.plan.run_dir, path)
             if self.cfg.keep_last_k:
@@ -367,16 +383,18 @@ class Trainer:
             self.last_ckpt = path
             self.log.info(f"saved checkpoint {path}")
 
-    def _write_failure(self, step: int, error: BaseException) -> str:
-        from gpt2.checkpoint import checkpoint_name
-
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1][:120]
+    def _write_failure(self, what: str, error: BaseException) -> str:
+        """One line: what could not be written and why, what is intact, the command that continues."""
+        failure = as_write_error(self.plan.run_dir, error)
+        reason = failure.reason if failure is not None else (str(error).strip() or type(error).__name__)
         previous = self.last_ckpt or self.plan.resume_from
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        return (
-            f"could not write checkpoint {checkpoint_name(step)} in {self.plan.run_dir} ({reason}; is the disk full?); "
-            f"{kept}: free space and continue with gpt2 train --resume {self.plan.run_dir}"
+        advice = (  # with nothing to resume, a rerun of the same command sets this start's files aside
+            f"the previous checkpoint {previous} is intact: free space and continue with gpt2 train --resume "
+            f"{self.plan.run_dir}"
+            if previous is not None
+            else "no earlier checkpoint exists: free space and run the same command again"
         )
+        return f"could not write {what} ({reason.splitlines()[-1][:120]}; is the disk full?); {advice}"
 
     def _stopped(self, step: int) -> TrainResult:
         self.log.info(
@@ -390,5 +408,5 @@ class Trainer:
             return
         try:
             self.log.info(f"loss curve: {plot_run(self.plan.run_dir)}")
-        except RuntimeError as e:  # matplotlib missing: say so, the run itself succeeded
+        except (RuntimeError, OSError) as e:  # matplotlib missing, a full disk: say so, the run itself succeeded
             self.log.info(f"note: {e}")

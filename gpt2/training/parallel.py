@@ -132,11 +132,18 @@ class Shard(Replicate):
 
     def save(self, run_dir: Path, snap: Snapshot) -> Path | None:
         """Every rank writes its shard; rank 0 the metadata, trainer state and the final rename."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from gpt2.fileio import WriteError, as_write_error
         from gpt2.fsdp import save_sharded
 
         final = Path(run_dir) / CHECKPOINTS / checkpoint_name(snap.step)
         json_files = {TRAIN_CONFIG: snap.train_config}
-        return save_sharded(final, snap.model, snap.optimizer, snap.trainer_state, json_files=json_files)
+        try:
+            return save_sharded(final, snap.model, snap.optimizer, snap.trainer_state, json_files=json_files)
+        except CheckpointException as e:  # a BaseException wrapping each failed rank's error
+            failures = [as_write_error(final, pair[0]) for pair in e.failures.values()]
+            raise next((f for f in failures if f is not None), WriteError(final, "a rank's write failed")) from None
 
     def load(self, ckpt: Path, model: GPT, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         if not is_sharded(ckpt):

@@ -4,12 +4,12 @@ no trace."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gpt2.checkpoint import (
     CHECKPOINTS,
+    METRICS,
     checkpoint_model_config,
     checkpoint_step,
     failed_start,
@@ -19,6 +19,7 @@ from gpt2.checkpoint import (
     verified,
 )
 from gpt2.config import GPTConfig
+from gpt2.fileio import read_json_object
 from gpt2.training.config import BUILTIN_CORPUS, TrainingConfig
 
 DATA_DIR = "data"  # RUN_DIR/data: the shards of --data FILE
@@ -40,6 +41,7 @@ class RunPlan:
     resume_from: Path | None
     grad_accum_steps: int
     world_size: int
+    evaluated: bool = False  # metrics.jsonl already holds the evaluation of the resumed weights
 
     @property
     def start_step(self) -> int:
@@ -115,9 +117,41 @@ def plan_run(cfg: TrainingConfig, world_size: int = 1) -> RunPlan:
             verified(resume_from)  # every file against its sha256: never train on a damaged checkpoint
             check_same_model(resume_from, cfg.model_config())
             check_same_run(resume_from, cfg)
-    plan = RunPlan(replace(cfg, out_dir=str(run_dir)), run_dir, resume_from, accum, world_size)
+    start = checkpoint_step(resume_from) if resume_from is not None else 0
+    if cfg.max_steps < start:
+        raise ValueError(
+            f"{resume_from} is at step {start}, past max_steps {cfg.max_steps}; pass --max_steps {start} or more"
+        )
+    evaluated = resume_from is not None and evaluated_at(run_dir, start)
+    plan = RunPlan(replace(cfg, out_dir=str(run_dir)), run_dir, resume_from, accum, world_size, evaluated)
     check_data(plan)
+    check_sample_prompt(plan.config)
     return plan
+
+
+def evaluated_at(run_dir: Path, step: int) -> bool:
+    """Whether the run's metrics.jsonl holds an evaluation of the weights after `step` updates (a
+    finished run's last one, say): continuing from that step does not repeat it. Read while planning,
+    before any rank can change the file."""
+    from gpt2.metrics import read_metrics
+
+    path = run_dir / METRICS
+    return path.is_file() and any(r.get("type") == "eval" and r.get("step") == step for r in read_metrics(path))
+
+
+def check_sample_prompt(cfg: TrainingConfig) -> None:
+    """A sample prompt longer than the model's context fails at the first sampling, after the run has
+    started: refuse it now."""
+    if cfg.sample_interval <= 0:
+        return
+    from gpt2.tokenizer import Tokenizer
+
+    n, context = len(Tokenizer().encode(cfg.sample_prompt)), cfg.model_config().block_size
+    if n > context:
+        raise ValueError(
+            f"sample_prompt has {n} tokens but the model's context is {context}; shorten it "
+            "(or --sample_interval 0 for no samples)"
+        )
 
 
 def check_same_model(ckpt: Path, model_config: GPTConfig) -> None:
@@ -181,7 +215,9 @@ def check_data(plan: RunPlan) -> None:
     """The run's data exists and fits the model: a --data file to tokenize, or shards in data_root
     (checked again once --data is tokenized)."""
     cfg = plan.config
-    if cfg.data is not None and not (plan.data_root / "manifest.json").is_file():
+    # A new run tokenizes its file (whatever an earlier failed start left in RUN_DIR/data); a resumed
+    # one reads the shards it was trained on.
+    if cfg.data is not None and (plan.resume_from is None or not (plan.data_root / "manifest.json").is_file()):
         if cfg.data != BUILTIN_CORPUS and not Path(cfg.data).expanduser().is_file():
             raise FileNotFoundError(f"--data {cfg.data}: no such file; pass a .txt/.jsonl file or {BUILTIN_CORPUS}")
         return
@@ -206,7 +242,7 @@ def check_shards(root: Path, model_config: GPTConfig) -> None:
             )
     manifest = root / "manifest.json"
     if manifest.is_file():
-        tok = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer", {})
+        tok = read_json_object(manifest, f"re-create the shards with gpt2 prepare --out {root}").get("tokenizer", {})
         if tok.get("vocab_size", model_config.vocab_size) > model_config.vocab_size:
             raise ValueError(
                 f"{root} was tokenized with vocab_size {tok['vocab_size']} but the model has "
