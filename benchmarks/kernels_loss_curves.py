@@ -80,7 +80,7 @@ def main() -> int:
     p.add_argument("--recipe", default="baseline", help="a configs/speedrun/*.toml name")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", default="1337,1", help="torch runs' seeds; the fused run takes the first")
-    p.add_argument("--data", type=Path, default=REPO / ".devcarry" / "speedrun" / "data")
+    p.add_argument("--data", type=Path, default=REPO / "runs" / "speedrun" / "data")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "kernels")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--train-args", default="", help="more `gpt2 train` flags (e.g. a CPU smoke run's)")

@@ -3,261 +3,244 @@
 The full 10B-token recipe is out of reach of a benchmark, so every recipe runs on one fixed proxy:
 
   data   the first 330 books of ../shared/data/gutenberg/train.jsonl.xz (~27.7M GPT-2 tokens) for
-         training, the 28 books of val.jsonl.xz for validation, tokenized with `gpt2 prepare`:
-             xz -dc ../shared/data/gutenberg/train.jsonl.xz | head -n 330 | xz > .devcarry/speedrun/train330.jsonl.xz
-             cp ../shared/data/gutenberg/val.jsonl.xz .devcarry/speedrun/
+         training, the 28 books of val.jsonl.xz for validation, tokenized on the GPU machine with `gpt2
+         prepare` from .devcarry/speedrun (made here by `carry`: the first 700 books, xz -9e, under the
+         device's 64 MiB; `prepare` takes the first 330 of them, `prepare --all` every one) into
+         runs/speedrun/data (never carried: prepare there, not here)
   model  GPT-2 124M, T = 1024, bf16 autocast, torch.compile, one GPU
-  runs   `gpt2 train --config configs/speedrun/RECIPE.toml` itself, one fresh process per recipe
+  runs   `gpt2 train --config configs/speedrun/RECIPE.toml` itself, one fresh process per recipe, all
+         sharing one inductor cache (the first run compiles, the rest hit the cache)
 
-Training wall-clock is the sum of the logged step times (what an optimizer step costs: forward,
-backward, update), with step 0's time (which includes compilation) replaced by the median of the
-next ten; evaluation, checkpoints and start-up are not counted. For every recipe the report gives
-val loss against tokens and against that wall-clock, the wall-clock at which the val loss first
-reaches the baseline's final val loss (linear in time between two evaluations), and the val loss at
-the baseline's full wall-clock. A 115M-token proxy is not a 10B-token run: docs/training.md says
-what the numbers do and do not show.
+Training wall-clock is the sum of the logged step times, compilation excluded (speedrun_report.py says
+how). For every recipe the report gives val loss against tokens and against that wall-clock, the
+wall-clock at which the val loss first reaches the baseline's final val loss (linear in time between two
+evaluations), and the val loss at the baseline's full wall-clock. A 115M-token proxy is not a 10B-token
+run: docs/training.md says what the numbers do and do not show.
 
-  python benchmarks/speedrun.py prepare                                 # .devcarry/speedrun -> shards
+  python benchmarks/speedrun.py carry --books 700                       # here: .devcarry/speedrun (slow: xz -9e)
+  python benchmarks/speedrun.py prepare [--all]                         # there: .devcarry/speedrun -> shards
   python benchmarks/speedrun.py run baseline muon-short                 # configs/speedrun/*.toml
-  python benchmarks/speedrun.py report baseline muon-short --png benchmarks/speedrun.png
   python benchmarks/speedrun.py run muon-short@muon_lr=6e-3,max_steps=150   # a variant of a recipe
-  python benchmarks/speedrun.py run baseline muon-short --smoke         # CPU: a tiny model, seconds
+  python benchmarks/speedrun.py report baseline muon-short --png benchmarks/speedrun.png
+  python benchmarks/speedrun.py plan levers --budget-s 540 --pack $OUT/levers.json --png $OUT/levers.png
+  python benchmarks/speedrun.py report --pack $OUT/levers.json --results benchmarks/RESULTS.md
+  python benchmarks/speedrun.py plan levers --smoke --budget-s 300      # CPU: a tiny model, the whole pipeline
+
+`plan NAME` (speedrun_plans.PLANS: levers, adamw, regime2, final) prepares the data (inside its budget),
+measures the baseline (--baseline-mode full: trained now; timing: 30 steps timed, its final val given
+with --baseline-val; skip: --baseline-val and --baseline-seconds given), then runs the plan's series until
+the budget is spent (speedrun_series says how runs are chosen and kept), packing every finished run's
+metrics into one JSON file after each run, and ends with the report. `report --pack` makes the same
+report from that file alone, here, also when the GPU call was cut off.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import lzma
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
+START = time.monotonic()
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS, command_line, table  # noqa: E402
-from gpt2.checkpoint import read_metrics  # noqa: E402
+from benchmarks.common import command_line  # noqa: E402
+from benchmarks.speedrun_plans import PLANS  # noqa: E402
+from benchmarks.speedrun_report import load_curve, plot, report, report_pack  # noqa: E402
+from benchmarks.speedrun_series import Series, parse_recipe, run_name, train_command, train_process  # noqa: E402
 
-CONFIGS = REPO / "configs" / "speedrun"
-SOURCE = REPO / ".devcarry" / "speedrun"
-# A CPU smoke run keeps each recipe's batch geometry (accumulation steps) on a tiny model.
-SMOKE = ["--model", "tiny", "--seq_len", "32", "--micro_batch_size", "2", "--device", "cpu", "--compile", "false"]
-SMOKE += ["--max_steps", "6", "--warmup_steps", "1", "--eval_interval", "2", "--val_steps", "1"]
+SOURCE = REPO / ".devcarry" / "speedrun"  # what is carried to the GPU machine: the compressed books only
+DATA = REPO / "runs" / "speedrun" / "data"  # what is made there (ignored, never carried): shards, the 330 books
+SHARED = REPO.parent / "shared" / "data" / "gutenberg"
+PROXY_BOOKS = 330
+CARRY_LIMIT = 64 * 2**20  # the device's working-tree limit, carried files included
 
 
-def prepare(source: Path, out: Path) -> Path:
-    """Tokenize the proxy once (train330 + val) with `gpt2 prepare`; a no-op when already done."""
-    train, val = source / "train330.jsonl.xz", source / "val.jsonl.xz"
+def proxy_source(source: Path, scratch: Path) -> Path:
+    """train330.jsonl.xz, or the first 330 books of train.jsonl.xz written out as scratch/train330.jsonl."""
+    if (source / "train330.jsonl.xz").is_file():
+        return source / "train330.jsonl.xz"
+    books = source / "train.jsonl.xz"
+    if not books.is_file():
+        raise SystemExit(f"neither {source}/train330.jsonl.xz nor {books} exists; make them with `speedrun.py carry`")
+    out = scratch / "train330.jsonl"
+    if not out.is_file():
+        scratch.mkdir(parents=True, exist_ok=True)
+        with lzma.open(books, "rt", encoding="utf-8") as f, open(out.with_suffix(".tmp"), "w", encoding="utf-8") as g:
+            for _, line in zip(range(PROXY_BOOKS), f):
+                g.write(line)
+        out.with_suffix(".tmp").rename(out)
+    return out
+
+
+def prepare(source: Path, out: Path, all_books: bool = False) -> Path:
+    """Tokenize the proxy (its 330 training books, or with all_books every carried one) and the validation
+    books with `gpt2 prepare`; a no-op when already done."""
+    train = source / "train.jsonl.xz" if all_books else proxy_source(source, out.parent)
+    val = source / "val.jsonl.xz"
     for path in (train, val):
         if not path.is_file():
-            raise SystemExit(f"{path} not found; make it as this script's docstring says")
+            raise SystemExit(f"{path} not found; make it with `speedrun.py carry` (see this script's docstring)")
     args = [sys.executable, "-m", "gpt2", "prepare", str(train), "--val-source", str(val), "--out", str(out), "-q"]
     subprocess.run(args, check=True, cwd=REPO)
     return out
 
 
-def run_name(name: str) -> str:
-    """The run directory of a recipe or variant, in letters, digits, '.', '_' and '-' only (the device
-    tool brings back no other names): muon-short@muon_lr=6e-3,max_steps=150 becomes
-    muon-short__muon_lr-6e-3_max_steps-150."""
-    return name.replace("@", "__").replace("=", "-").replace(",", "_")
-
-
-def parse_recipe(name: str) -> tuple[Path, list[str]]:
-    """RECIPE or RECIPE@key=value,key=value (a variant: the config with some settings changed)."""
-    base, _, changes = name.partition("@")
-    overrides = []
-    for change in filter(None, changes.split(",")):
-        key, _, value = change.partition("=")
-        overrides += [f"--{key}", value]
-    return CONFIGS / f"{base}.toml", overrides
-
-
-def smoke_overrides(recipe: Path) -> list[str]:
-    """Settings that shrink a recipe to a tiny CPU run with the same number of micro-steps."""
-    from gpt2.training import build_config
-
-    cfg = build_config(recipe)
-    accum = cfg.total_batch_size // (cfg.micro_batch_size * cfg.seq_len)
-    warm = ["--batch_warmup_tokens", "64", "--batch_warmup_steps", "2"] if cfg.batch_warmup_steps else []
-    return [*SMOKE, "--total_batch_size", str(accum * 64), *warm]
+def carry(books: int, shared: Path, dest: Path) -> None:
+    """Write dest/train.jsonl.xz (the first `books` training books, xz -9e: the smallest form to carry)
+    and dest/val.jsonl.xz, and say whether they fit the device's 64 MiB with the repository."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / "train.jsonl.xz.tmp"
+    with lzma.open(shared / "train.jsonl.xz", "rb") as f, lzma.open(tmp, "wb", preset=9 | lzma.PRESET_EXTREME) as g:
+        for _, line in zip(range(books), f):
+            g.write(line)
+    tmp.rename(dest / "train.jsonl.xz")
+    shutil.copyfile(shared / "val.jsonl.xz", dest / "val.jsonl.xz")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    repo = sum((REPO / name).stat().st_size for name in tracked.decode().split("\0") if (REPO / name).is_file())
+    carried = sum(p.stat().st_size for p in dest.glob("*.xz"))
+    verdict = "fits" if repo + carried < CARRY_LIMIT else "does NOT fit: carry fewer --books"
+    print(f"{dest}: {carried / 2**20:.1f} MiB carried + {repo / 2**20:.1f} MiB repository = "
+          f"{(repo + carried) / 2**20:.1f} MiB of 64 MiB: {verdict}")  # fmt: skip
 
 
 def run(recipes: list[str], data: Path, out: Path, smoke: bool) -> None:
-    """Train each recipe in a fresh `gpt2 train` process; its log goes to OUT/RECIPE.log."""
+    """Train each recipe (or RECIPE@key=value,... variant) in a fresh `gpt2 train` process; its log goes to
+    OUT/NAME.log."""
     out.mkdir(parents=True, exist_ok=True)
     for name in recipes:
-        recipe, overrides = parse_recipe(name)
-        args = [sys.executable, "-m", "gpt2", "train", "--config", str(recipe), "--data_root", str(data)]
-        args += ["--out_dir", str(out / run_name(name)), *(smoke_overrides(recipe) if smoke else []), *overrides]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        t0 = time.perf_counter()
+        recipe, changes = parse_recipe(name)
         log_path = out / f"{run_name(name)}.log"
-        with open(log_path, "w") as log:
-            code = subprocess.run(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        print(f"{name}: exit {code} in {time.perf_counter() - t0:.0f} s (log {log_path})", flush=True)
+        args = train_command(recipe, changes, data, out / run_name(name), smoke)
+        code, wall = train_process(args, log_path, None, out / "inductor-cache")
+        print(f"{name}: exit {code} in {wall:.0f} s (log {log_path})", flush=True)
         if code != 0:
             print(log_path.read_text()[-3000:])
-            raise SystemExit(code)
+            raise SystemExit(code or 1)
 
 
-@dataclass
-class Curve:
-    """One run's evaluations: val loss at tokens and at training wall-clock (seconds)."""
-
-    name: str
-    steps: list[int]
-    tokens: list[int]
-    seconds: list[float]
-    val: list[float]
-    step_time: float  # median seconds per optimizer step
-    tokens_per_sec: float  # median
-    env: dict
-
-    @property
-    def final(self) -> float:
-        return self.val[-1]
-
-    def time_to(self, target: float) -> float | None:
-        """The wall-clock at which the val loss first reaches `target` (linear between evaluations)."""
-        for i, v in enumerate(self.val):
-            if v <= target:
-                if i == 0:
-                    return self.seconds[0]
-                t0, t1, v0 = self.seconds[i - 1], self.seconds[i], self.val[i - 1]
-                return t0 + (t1 - t0) * (v0 - target) / (v0 - v)
-        return None
-
-    def val_at(self, seconds: float) -> float | None:
-        """Val loss at a wall-clock: interpolated; the final one if the run ended before it."""
-        if seconds >= self.seconds[-1]:
-            return self.final
-        for i in range(1, len(self.seconds)):
-            if self.seconds[i] >= seconds:
-                t0, t1 = self.seconds[i - 1], self.seconds[i]
-                return self.val[i - 1] + (self.val[i] - self.val[i - 1]) * (seconds - t0) / (t1 - t0)
-        return None
+def series(args: argparse.Namespace, pack_path: Path) -> None:
+    """`plan NAME`: the data, the baseline, the plan's series under the budget, packed into pack_path."""
+    plan = PLANS[args.recipes[0]]
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = [w for w in wanted if w not in {lever.label for lever in plan.levers}]
+        if unknown:
+            raise SystemExit(f"--only: plan {plan.name} has no lever {', '.join(unknown)}")
+        plan = replace(plan, levers=tuple(lever for lever in plan.levers if lever.label in wanted))
+    needs_all = any(lever.data == "all" for lever in plan.levers)
+    data = {"proxy": args.data, "all": args.data.parent / "data-all"}
+    if not args.smoke:
+        prepare(args.source, data["proxy"])
+        if needs_all:
+            prepare(args.source, data["all"], all_books=True)
+    out = args.out / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True)
+    meta = {"budget_s": args.budget_s, "min_gain": args.min_gain, "command": command_line()}
+    best = json.loads(args.changes_from.read_text()).get("best") if args.changes_from else None
+    run_series = Series(plan, data, out, pack_path, START + args.budget_s, smoke=args.smoke, min_gain=args.min_gain,
+                        meta=meta)  # fmt: skip
+    if plan.greedy:
+        target, _ = run_series.baseline(args.baseline_mode, args.baseline_val, args.baseline_seconds)
+        run_series.greedy(target)
+    else:
+        run_series.each(best)
 
 
-def load_curve(run_dir: Path) -> Curve:
-    records = read_metrics(run_dir / "metrics.jsonl")
-    train = sorted((r for r in records if r["type"] == "train"), key=lambda r: r["step"])
-    evals = sorted((r for r in records if r["type"] == "eval" and "val_loss" in r), key=lambda r: r["step"])
-    times = [r["step_time"] for r in train]
-    if len(times) > 1:
-        later = sorted(times[1:11])
-        times[0] = later[len(later) // 2]  # step 0 compiled the model: not training time
-    elapsed = [0.0]
-    for t in times:
-        elapsed.append(elapsed[-1] + t)
-    tokens = [0] + [r["tokens"] for r in train]
-    env = next((r for r in records if r.get("event") == "start"), {})
-    rates = sorted(r["tokens_per_sec"] for r in train[1:]) or [0.0]
-    return Curve(
-        name=run_dir.name,
-        steps=[r["step"] for r in evals],
-        tokens=[tokens[r["step"]] for r in evals],
-        seconds=[elapsed[r["step"]] for r in evals],
-        val=[r["val_loss"] for r in evals],
-        step_time=sorted(times)[len(times) // 2],
-        tokens_per_sec=rates[len(rates) // 2],
-        env=env,
-    )
-
-
-def report(curves: list[Curve], baseline: str) -> str:
-    """The comparison table (markdown) against the baseline's final val loss and full wall-clock."""
-    base = next(c for c in curves if c.name == baseline)
-    target, budget = base.final, base.seconds[-1]
-    rows = []
-    for c in curves:
-        reach = c.time_to(target)
-        at_budget = c.val_at(budget) if c.seconds[-1] >= 0.95 * budget else None
-        rows.append(
-            [
-                c.name,
-                c.steps[-1],
-                f"{c.tokens[-1] / 1e6:.1f}M",
-                f"{c.seconds[-1]:.1f}",
-                f"{c.tokens_per_sec / 1e3:.0f}K",
-                f"{c.final:.4f}",
-                "-" if reach is None else f"{reach:.1f} s = {reach / budget:.3f}x",
-                "-" if at_budget is None else f"{at_budget:.4f} ({at_budget - target:+.3f})",
-            ]
+def report_from_pack(pack_path: Path, png: Path | None, results: Path | None) -> None:
+    pack = json.loads(pack_path.read_text())
+    text, shown, target, budget = report_pack(pack)
+    print(text)
+    if png is not None and shown:
+        device = next((c.env.get("device_name") for c in shown if c.env), "?")
+        try:
+            plot(shown, target, budget, png, f"GPT-2 proxy speedrun, series {pack['plan']} ({device})")
+            print(f"wrote {png}")
+        except ImportError:  # the GPU machine may lack matplotlib: plot here later with `report --pack`
+            print(f"note: no matplotlib, so no {png}; run `speedrun.py report --pack {pack_path} --png ...` elsewhere")
+    if results is not None:
+        head = (
+            f"\n## Proxy speedrun series `{pack['plan']}` ({time.strftime('%Y-%m-%d')})\n\n`{pack.get('command')}`\n\n"
         )
-    headers = ["recipe", "steps", "tokens", "train s", "tok/s", "final val", "reaches baseline final"]
-    headers.append("val at baseline's wall-clock (vs baseline)")
-    note = f"baseline final val loss {target:.4f} after {budget:.1f} s of training ({base.steps[-1]} steps)"
-    return note + "\n\n" + table(headers, rows)
+        with open(results, "a", encoding="utf-8") as f:
+            f.write(head + text + "\n")
+        print(f"appended to {results}")
 
 
-def plot(curves: list[Curve], baseline: str, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = next(c for c in curves if c.name == baseline)
-    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for c in curves:
-        style = dict(marker="o", markersize=3, linewidth=1.4, label=c.name)
-        by_tokens.plot([t / 1e6 for t in c.tokens], c.val, **style)
-        by_time.plot(c.seconds, c.val, **style)
-    axes = ((by_tokens, "training tokens (millions)"), (by_time, "training wall-clock (s, compile excluded)"))
-    for ax, xlabel in axes:
-        ax.axhline(base.final, color="gray", linestyle=":", linewidth=1, label=f"baseline final {base.final:.3f}")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("val loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    by_time.axvline(base.seconds[-1], color="gray", linestyle="--", linewidth=0.8)
-    low = min(min(c.val) for c in curves)
-    for ax in (by_tokens, by_time):  # the first evaluation (~11 nats) would flatten the rest
-        ax.set_ylim(low - 0.2, max(7.0, base.final + 1.0))
-    device = base.env.get("device_name", "?")
-    fig.suptitle(f"GPT-2 124M proxy speedrun (330 Gutenberg books, {device})", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+def report_from_runs(args: argparse.Namespace) -> None:
+    """`report NAME ...`: the comparison of run directories against the baseline run."""
+    curves = [load_curve(args.out / run_name(name)) for name in args.recipes]
+    base = next(c for c in curves if c.name == args.baseline)
+    note = f"baseline final val loss {base.final:.4f} after {base.seconds[-1]:.1f} s of training"
+    text = report(curves, base.final, base.seconds[-1], f"{note} ({base.steps[-1]} steps)")
+    print(text)
+    if args.png is not None:
+        plot(
+            curves, base.final, base.seconds[-1], args.png, f"GPT-2 124M proxy speedrun ({base.env.get('device_name')})"
+        )
+    if args.results is not None:
+        head = ", ".join(f"{k} {base.env.get(k)}" for k in ("device_name", "torch", "cuda", "git_sha"))
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write(f"\n## Proxy speedrun ({time.strftime('%Y-%m-%d')})\n\n{head}\n\n`{command_line()}`\n\n{text}\n")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["prepare", "run", "report"])
-    p.add_argument("recipes", nargs="*", help="names of configs/speedrun/*.toml")
-    p.add_argument("--source", type=Path, default=SOURCE, help="train330.jsonl.xz and val.jsonl.xz")
-    p.add_argument("--data", type=Path, default=SOURCE / "data", help="the proxy's shards")
+    p.add_argument("action", choices=["carry", "prepare", "run", "plan", "report"])
+    p.add_argument(
+        "recipes", nargs="*", help="run/report: names of configs/speedrun/*.toml (or variants); plan: one plan"
+    )
+    p.add_argument("--source", type=Path, default=SOURCE, help="train.jsonl.xz (or train330.jsonl.xz) and val.jsonl.xz")
+    p.add_argument("--data", type=Path, default=DATA, help="the proxy's shards (--all: beside it, data-all)")
+    p.add_argument("--all", action="store_true", help="prepare: also every carried book (the second regime)")
+    p.add_argument("--books", type=int, default=700, help="carry: how many training books (700 fit the 64 MiB)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "speedrun", help="one run directory per recipe")
     p.add_argument("--smoke", action="store_true", help="a tiny CPU run of each recipe (checks the pipeline)")
-    p.add_argument("--baseline", default="baseline")
+    p.add_argument("--baseline", default="baseline", help="report: the baseline run's name")
+    p.add_argument(
+        "--baseline-mode", default="full", choices=["full", "timing", "skip"], help="plan: how to measure it"
+    )
+    p.add_argument("--baseline-val", type=float, default=None, help="plan: the baseline's final val loss, if not run")
+    p.add_argument("--baseline-seconds", type=float, default=None, help="plan --baseline skip: its training seconds")
+    p.add_argument("--budget-s", type=float, default=540.0, help="plan: seconds from start to the last run's end")
+    p.add_argument("--min-gain", type=float, default=0.005, help="plan: nats a lever must gain to be kept")
+    p.add_argument("--only", default=None, help="plan: run only these levers (comma-separated labels), in plan order")
+    p.add_argument("--changes-from", type=Path, default=None, help="plan regime2/final: a levers pack's best changes")
+    p.add_argument("--pack", type=Path, default=None, help="plan: the series' JSON file; report: read it")
     p.add_argument("--png", type=Path, default=None, help="plot the curves here")
-    p.add_argument("--results", type=Path, default=None, help=f"append the table to this file (e.g. {RESULTS})")
-    p.add_argument("--json", type=Path, default=None, help="write every curve's numbers here")
+    p.add_argument("--results", type=Path, default=None, help="append the report to this file (benchmarks/RESULTS.md)")
     args = p.parse_args()
-    if args.action == "prepare":
+    if args.action == "carry":
+        carry(args.books, SHARED, args.source)
+    elif args.action == "prepare":
         prepare(args.source, args.data)
-        return 0
-    if args.action == "run":
+        if args.all:
+            prepare(args.source, args.data.parent / "data-all", all_books=True)
+    elif args.action == "run":
         run(args.recipes, args.data, args.out, args.smoke)
-        return 0
-    curves = [load_curve(args.out / run_name(name)) for name in args.recipes]
-    text = report(curves, args.baseline)
-    print(text)
-    if args.png is not None:
-        plot(curves, args.baseline, args.png)
-        print(f"wrote {args.png}")
-    if args.results is not None:
-        env = curves[0].env
-        head = ", ".join(f"{k} {env.get(k)}" for k in ("device_name", "torch", "cuda", "git_sha"))
-        block = f"\n## Proxy speedrun ({time.strftime('%Y-%m-%d')})\n\n{head}\n\n`{command_line()}`\n\n{text}\n"
-        with open(args.results, "a", encoding="utf-8") as f:
-            f.write(block)
-        print(f"appended to {args.results}")
-    if args.json is not None:
-        args.json.write_text(json.dumps({c.name: c.__dict__ for c in curves}, indent=1))
+    elif args.action == "plan":
+        if len(args.recipes) != 1 or args.recipes[0] not in PLANS:
+            p.error(f"plan takes one of {', '.join(PLANS)}")
+        if args.baseline_mode != "full" and args.baseline_val is None:
+            p.error(f"plan --baseline-mode {args.baseline_mode} needs --baseline-val (the baseline's final val loss)")
+        if args.baseline_mode == "skip" and args.baseline_seconds is None:
+            p.error("plan --baseline-mode skip needs --baseline-seconds (the baseline's training seconds)")
+        pack_path = args.pack or args.out / f"{args.recipes[0]}.json"
+        try:
+            series(args, pack_path)
+        finally:  # also when a run failed or the call is being stopped: report what finished
+            if pack_path.is_file():
+                report_from_pack(pack_path, args.png, args.results)
+    elif args.pack is not None:
+        report_from_pack(args.pack, args.png, args.results)
+    else:
+        report_from_runs(args)
     return 0
 
 

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2", description="A modular, fast, tested GPT-2 in PyTorch.", allow_abbrev=False
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"gpt2.commands.{name}")
@@ -37,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(_run=module.run, _parser=p)
     return parser
+
+
+def version_line() -> str:
+    """`gpt2 --version`: this package's version, and the torch and Python it runs on."""
+    import platform
+
+    import torch
+
+    from gpt2 import __version__
+
+    return f"gpt2 {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
 
 
 def unknown_arguments_message(extra: list[str], parser: argparse.ArgumentParser) -> str:

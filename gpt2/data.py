@@ -90,7 +90,7 @@ def write_shard(path: str | Path, tokens: np.ndarray, *, vocab_size: int = VOCAB
             f.write(header)
             f.write(memoryview(data).cast("B"))
 
-    atomic_write(path, write)
+    atomic_write(path, write)  # a full disk: a one-line WriteError naming the shard
     return digest.hexdigest()
 
 

@@ -46,8 +46,10 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         probs = torch.softmax(sorted_logits.float(), dim=-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass (keeps >= 1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass; the top token
+        # always stays (a top_p below float32's smallest number would otherwise drop it too)
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 

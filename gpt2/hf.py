@@ -10,7 +10,6 @@ gpt2.loading's business, and building the GPT is GPT.from_pretrained's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from gpt2.config import VOCAB_SIZE, GPTConfig
-from gpt2.fileio import atomic_write, atomic_write_json
+from gpt2.fileio import atomic_write, atomic_write_json, read_json_object
 from gpt2.tokenizer import EOT_ID, write_hf_tokenizer_files
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -147,12 +146,9 @@ def load_state_dict_checked(model: nn.Module, sd: dict[str, Tensor], source: str
 def read_config(directory: Path) -> GPTConfig:
     """The GPTConfig of an HF-format directory's config.json (one-line errors for a missing or bad file)."""
     path = Path(directory) / CONFIG_FILE
-    try:
-        return config_from_hf(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found; {directory} is not an HF-format model directory") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}); the file is corrupt") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; {directory} is not an HF-format model directory")
+    return config_from_hf(read_json_object(path, "the file is corrupt"))
 
 
 def read_weights(directory: Path) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from gpt2.checkpoint.layout import CHECKPOINTS, MANIFEST, find_checkpoint, is_sharded, verified
+from gpt2.checkpoint.layout import CHECKPOINTS, MANIFEST, find_checkpoint, is_run_dir, is_sharded, verified
 from gpt2.config import GPTConfig
 from gpt2.hf import CONFIG_FILE, HUB_MODELS, WEIGHTS_FILE, read_config, read_weights, state_dict_from_hf
 
@@ -86,15 +86,16 @@ def read_model(spec: str | Path | ModelSource) -> tuple[GPTConfig, dict[str, Ten
 
 
 def _local_model(path: Path) -> ModelSource | None:
-    """The model a local directory holds: itself (config.json), or a run's newest checkpoint; a
-    checkpoint's weights are checked against its checkpoint.json first."""
-    if (path / CONFIG_FILE).is_file():
-        return _checked(ModelSource(spec=str(path), kind="sharded" if is_sharded(path) else "hf", path=path))
-    if (path / CHECKPOINTS).is_dir():
+    """The model a local directory holds: a run's current checkpoint (whatever else lies in the run
+    directory, e.g. a config.json an older version let `gpt2 export` write there), or itself
+    (config.json); a checkpoint's weights are checked against its checkpoint.json first."""
+    if is_run_dir(path):
         ckpt = find_checkpoint(path)
         if ckpt is None:
-            raise FileNotFoundError(f"{path / CHECKPOINTS} holds no complete checkpoint yet; nothing to load")
+            raise FileNotFoundError(f"the run {path} has no complete checkpoint yet; nothing to load")
         return _checked(ModelSource(spec=str(path), kind="sharded" if is_sharded(ckpt) else "hf", path=ckpt))
+    if (path / CONFIG_FILE).is_file():
+        return _checked(ModelSource(spec=str(path), kind="sharded" if is_sharded(path) else "hf", path=path))
     return None
 
 

@@ -24,5 +24,6 @@ __getattr__ = moved(
         },
         "METRICS_FILE": "gpt2.checkpoint.layout:METRICS",
         "read_metrics": "gpt2.checkpoint.layout:read_metrics",
+        "parse_record": "gpt2.checkpoint.layout:parse_record",
     },
 )

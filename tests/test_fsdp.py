@@ -313,7 +313,7 @@ def test_save_and_load_in_one_process_is_exact_and_atomic(tmp_path):
     (tmp_path / "checkpoints" / ".step_00000001.tmp").mkdir(parents=True)  # left by a killed save
     save_sharded(ckpt, model, optimizer, {"step": 1})
     save_sharded(ckpt, model, optimizer, {"step": 1, "again": True})  # the same step saved again
-    assert read_extra_state(ckpt) == {"step": 1, "again": True}
+    assert read_extra_state(ckpt) == {"step": 1, "again": True, "sealed": True}  # sealed: has checkpoint.json
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step_00000001"]
     expected = train_step(model, optimizer, xs[1], ys[1])[0]
 

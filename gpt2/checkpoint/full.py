@@ -6,7 +6,6 @@ training config. The directory layout and the completeness rule are gpt2.checkpo
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from torch import nn
 
 from gpt2.checkpoint.layout import (
     CHECKPOINTS,
+    SEALED,
     STATE_FILE,
     TRAIN_CONFIG,
     checkpoint_name,
@@ -23,7 +23,7 @@ from gpt2.checkpoint.layout import (
     seal_checkpoint,
 )
 from gpt2.config import GPTConfig
-from gpt2.fileio import atomic_write, atomic_write_json, fresh_tmp_dir, publish_dir
+from gpt2.fileio import atomic_write, atomic_write_json, fresh_tmp_dir, publish_dir, read_json_object
 from gpt2.hf import load_state_dict_checked, read_config, read_weights, save_pretrained, state_dict_from_hf
 
 STATE_FORMAT = 1
@@ -45,7 +45,8 @@ def save_checkpoint(
     tmp = fresh_tmp_dir(final)
     try:
         save_pretrained(model, tmp, tokenizer=False)
-        write_trainer_files(tmp, {"format": STATE_FORMAT, "step": step, **trainer_state}, train_config)
+        state = {"format": STATE_FORMAT, "step": step, **trainer_state, SEALED: True}
+        write_trainer_files(tmp, state, train_config)
         seal_checkpoint(tmp)
         publish_dir(tmp, final)
     except BaseException:
@@ -82,10 +83,7 @@ def load_train_config(ckpt_dir: Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / TRAIN_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; {ckpt_dir} is not a training checkpoint")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}); the checkpoint is corrupt") from e
+    return read_json_object(path, "the checkpoint is corrupt")
 
 
 def checkpoint_model_config(ckpt_dir: Path) -> GPTConfig:

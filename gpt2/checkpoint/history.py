@@ -31,14 +31,14 @@ from typing import Any
 from gpt2.checkpoint.layout import (
     CHECKPOINTS,
     METRICS,
+    RUN_STATE,
     TRAIN_CONFIG,
     checkpoint_dirs,
     checkpoint_step,
-    read_metrics,
+    parse_record,
 )
-from gpt2.fileio import atomic_write_json, atomic_write_text
+from gpt2.fileio import atomic_write_bytes, atomic_write_json
 
-RUN_STATE = "run.json"
 LOCK_FILE = ".lock"
 RUN_STATE_FORMAT = 1
 LEFTOVERS = (METRICS, TRAIN_CONFIG, RUN_STATE, "tensorboard", "loss.png")  # what a failed start may leave
@@ -111,7 +111,8 @@ def set_aside_failed_start(run_dir: Path) -> Path | None:
 def begin_timeline(run_dir: Path, start_step: int, log: Callable[[str], None]) -> Path | None:
     """Make the live timeline end at `start_step` before a run (re)starts there: newer checkpoints and
     the metrics records of later steps move into checkpoints/abandoned-<time>/ (with the config they
-    were trained with). Returns that directory, or None when nothing was newer."""
+    were trained with). Returns that directory, or None when nothing was newer (continuing from the
+    newest checkpoint, e.g. to extend a finished run, moves nothing)."""
     run_dir = Path(run_dir)
     newer = [c for c in checkpoint_dirs(run_dir) if checkpoint_step(c) > start_step]
     kept, moved = _split_metrics(run_dir / METRICS, start_step)
@@ -123,30 +124,37 @@ def begin_timeline(run_dir: Path, start_step: int, log: Callable[[str], None]) -
         os.rename(ckpt, side / ckpt.name)
     if (run_dir / TRAIN_CONFIG).is_file():
         shutil.copy2(run_dir / TRAIN_CONFIG, side / TRAIN_CONFIG)
+    kind = "branch" if newer else "redo"
     if moved:
-        atomic_write_text(side / METRICS, "".join(json.dumps(r) + "\n" for r in moved))
-        branch = {"type": "event", "event": "branch", "step": start_step, "abandoned": str(side.relative_to(run_dir))}
-        atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in [*kept, branch]))
-    names = f" ({newer[0].name} .. {newer[-1].name})" if newer else ""
-    log(
-        f"new branch from step {start_step}: moved {len(newer)} newer checkpoint(s){names} and {len(moved)} "
-        f"metrics record(s) of later steps to {side}"
-    )
+        atomic_write_bytes(side / METRICS, b"".join(moved))
+        event = {"type": "event", "event": kind, "step": start_step, "abandoned": str(side.relative_to(run_dir))}
+        atomic_write_bytes(run_dir / METRICS, b"".join([*kept, json.dumps(event).encode() + b"\n"]))
+    if newer:
+        log(
+            f"new branch from step {start_step}: moved {len(newer)} newer checkpoint(s) ({newer[0].name} .. "
+            f"{newer[-1].name}) and {len(moved)} metrics record(s) of later steps to {side}"
+        )
+    else:
+        log(
+            f"continuing from step {start_step}: {len(moved)} metrics record(s) of later steps "
+            f"(redone now) moved to {side}"
+        )
     return side
 
 
-def _split_metrics(path: Path, start_step: int) -> tuple[list[dict], list[dict]]:
-    """metrics.jsonl's records as (the timeline up to start_step, the records of later steps)."""
-
+def _split_metrics(path: Path, start_step: int) -> tuple[list[bytes], list[bytes]]:
+    """metrics.jsonl's lines as (the timeline up to start_step, the records of later steps). A train
+    record of step s is the update s -> s+1, redone after a resume from s; an evaluation at step s is of
+    the weights after s updates, the checkpoint's own, so it stays. Lines that are not records (a torn
+    last line, or anything else) stay where they are, byte for byte."""
     if not path.is_file():
         return [], []
     kept, moved = [], []
-    for record in read_metrics(path):
-        step = record.get("step")
-        later = isinstance(step, int) and (
-            step >= start_step if record.get("type") in ("train", "eval") else step > start_step
-        )
-        (moved if later else kept).append(record)
+    for line in path.read_bytes().splitlines(keepends=True):
+        record = parse_record(line)
+        step = record.get("step") if record is not None else None
+        later = isinstance(step, int) and (step >= start_step if record.get("type") == "train" else step > start_step)
+        (moved if later else kept).append(line if line.endswith(b"\n") else line + b"\n")
     return kept, moved
 
 

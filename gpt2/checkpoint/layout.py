@@ -4,9 +4,11 @@ this module; nothing else knows these names.
 
     RUN_DIR/
         train_config.json           the resolved TrainingConfig of the run
+        run.json                    the current checkpoint (gpt2.checkpoint.history)
         metrics.jsonl               one JSON record per step, evaluation and event (gpt2.training.metrics)
         tensorboard/                TensorBoard events (optional)
-        data/                       shards of `--data FILE`, tokenized at the run's first start
+        data/                       shards of `--data FILE`, tokenized at the run's first start;
+                                    data/source.json: the size and sha256 of the file they hold
         checkpoints/
             step_00000500/          the state after 500 optimizer steps
 
@@ -22,7 +24,8 @@ A checkpoint is built under a hidden name (`.step_00000500.tmp`) and renamed whe
 crash mid-save leaves the earlier ones as they were; hidden names are never checkpoints. Loading
 verifies the files it reads against checkpoint.json (streaming sha256, about a second per GB), so a
 damaged checkpoint is named, with the newest intact one, instead of being trained on or skipped.
-Checkpoints written before checkpoint.json existed are checked for their files only.
+Checkpoints written before checkpoint.json existed are checked for their files only; a checkpoint
+whose trainer_state.pt is marked `sealed` (all since) without its checkpoint.json is incomplete.
 """
 
 from __future__ import annotations
@@ -39,26 +42,29 @@ from gpt2.hf import CONFIG_FILE, WEIGHTS_FILE  # the model's two files: HF forma
 CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
+RUN_STATE = "run.json"
 STATE_FILE = "trainer_state.pt"
 SHARDED_INDEX = ".metadata"  # DCP's index: its presence marks a sharded checkpoint
 MANIFEST = "checkpoint.json"
 MANIFEST_FORMAT = 1
+SEALED = "sealed"  # trainer_state.pt's mark of a checkpoint written with a checkpoint.json
 _NAME = re.compile(r"step_(\d{8,})")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl file (a torn last line, from a killed run, is skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    """Records of a metrics.jsonl file. Lines that are not records are skipped: a torn last line from
+    a killed run, and anything else that is not a JSON object (an edit, bytes that are not UTF-8)."""
+    lines = Path(path).read_bytes().splitlines()
+    return [record for record in map(parse_record, lines) if record is not None]
+
+
+def parse_record(line: bytes) -> dict[str, Any] | None:
+    """One metrics.jsonl line as its record, or None when it is not a JSON object."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def checkpoint_name(step: int) -> str:
@@ -81,14 +87,29 @@ def is_sharded(ckpt: Path) -> bool:
 
 def missing_files(ckpt: Path) -> list[str]:
     """The files a complete checkpoint has and `ckpt` lacks (empty: complete). The one rule: the
-    files its checkpoint.json lists, or, for checkpoints older than checkpoint.json, the four names."""
+    files its checkpoint.json lists, or, for checkpoints older than checkpoint.json, the four names
+    (and checkpoint.json itself when trainer_state.pt is marked sealed)."""
     ckpt = Path(ckpt)
     manifest = _read_manifest(ckpt)
     if manifest is not None:
         names = list(manifest)
     else:
         names = [CONFIG_FILE, SHARDED_INDEX if is_sharded(ckpt) else WEIGHTS_FILE, STATE_FILE, TRAIN_CONFIG]
-    return [name for name in names if not (ckpt / name).is_file()]
+    missing = [name for name in names if not (ckpt / name).is_file()]
+    if manifest is None and not missing and _sealed(ckpt):
+        missing.append(MANIFEST)  # written with one, so it is incomplete, not old
+    return missing
+
+
+def _sealed(ckpt: Path) -> bool:
+    """Whether trainer_state.pt says a checkpoint.json was written with it (an unreadable one: assume so)."""
+    import torch
+
+    try:
+        state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return True
+    return not isinstance(state, dict) or bool(state.get(SEALED))
 
 
 class DamagedCheckpointError(ValueError):
@@ -137,8 +158,8 @@ def damaged_message(ckpt: Path, problem: str) -> str:
     if intact is None:
         return f"{problem}; no older intact checkpoint in this run"
     return (
-        f"{problem}; the newest intact checkpoint is {intact}: continue from it with --resume {intact} "
-        f"(the newer ones are moved aside, not deleted)"
+        f"{problem}; the newest intact checkpoint is {intact}: load it with --model {intact}, or continue "
+        f"training from it with gpt2 train --resume {intact} (the newer ones are moved aside, not deleted)"
     )
 
 
@@ -172,6 +193,27 @@ def _read_manifest(ckpt: Path) -> dict[str, dict] | None:
         return dict(manifest["files"])
     except (ValueError, KeyError, TypeError):
         raise DamagedCheckpointError(f"{path} is not a valid checkpoint manifest: the checkpoint is damaged") from None
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a training run's directory (checkpoints/, run.json or metrics.jsonl in it; a
+    checkpoint has a train_config.json too, so that file alone does not make a run)."""
+    path = Path(path)
+    return (path / CHECKPOINTS).is_dir() or (path / RUN_STATE).is_file() or (path / METRICS).is_file()
+
+
+def part_of_run(path: Path) -> str | None:
+    """Why writing a model into `path` would change a training run or a checkpoint ("is a training run
+    directory", ...; None: it would not): a run directory, anything in a run's checkpoints/, a checkpoint."""
+    path = Path(path).expanduser().resolve()
+    if is_run_dir(path):
+        return "is a training run directory"
+    for folder in (path, *path.parents):
+        if folder.name == CHECKPOINTS and is_run_dir(folder.parent):
+            return f"is inside the checkpoints of the run {folder.parent}"
+    if (path / MANIFEST).is_file() or (path / STATE_FILE).is_file():
+        return "is a training checkpoint"
+    return None
 
 
 def is_checkpoint(path: Path) -> bool:

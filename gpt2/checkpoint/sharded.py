@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from gpt2.checkpoint.layout import SHARDED_INDEX, STATE_FILE, seal_checkpoint
+from gpt2.checkpoint.layout import SEALED, SHARDED_INDEX, STATE_FILE, seal_checkpoint
 from gpt2.config import GPTConfig
 from gpt2.distributed import is_distributed, on_main_rank
 from gpt2.fileio import atomic_write, atomic_write_json, publish_dir
@@ -141,7 +141,7 @@ def save_sharded(
 
     def finish() -> None:
         atomic_write_json(tmp / CONFIG_FILE, config_to_hf(config))
-        atomic_write(tmp / STATE_FILE, lambda path: torch.save(dict(extra_state), path))
+        atomic_write(tmp / STATE_FILE, lambda path: torch.save({**extra_state, SEALED: True}, path))
         for name, value in (json_files or {}).items():
             atomic_write_json(tmp / name, value)
         seal_checkpoint(tmp)  # every rank's data file is in tmp by now (dcp.save returned on all)

@@ -28,7 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "loss (required): a directory of token shards or a UTF-8 .txt file",
     )
     parser.add_argument(
-        "--limit", type=int, default=None, help="only the first N examples (loss on a text file: first N tokens)"
+        "--limit",
+        type=int,
+        default=None,
+        help="only the first N examples (loss: about the first N tokens, in whole batches on shards)",
     )
     parser.add_argument(
         "--batch-size",
@@ -58,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     _check_args(args)
-    json_path = Path(args.json).expanduser() if args.json else None
-    if json_path is not None and json_path.exists() and not args.force:
-        raise FileExistsError(f"{json_path} exists; pass --force to overwrite it or choose another --json path")
+    json_path = _json_path(args)
     from gpt2.distributed import destroy_distributed, init_distributed
 
     info = init_distributed(os.environ, args.device)  # a process group only under torchrun
@@ -104,7 +105,6 @@ def run(args: argparse.Namespace) -> int:
             if json_path is not None:
                 from gpt2.fileio import atomic_write_json
 
-                json_path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(json_path, record)
                 print(f"wrote {json_path}")
     finally:
@@ -119,6 +119,25 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.task == "loss" and args.data is None:
         raise ValueError("gpt2 eval loss needs --data: a directory of token shards or a UTF-8 .txt file")
+
+
+def _json_path(args: argparse.Namespace) -> Path | None:
+    """--json, checked before the evaluation (which may take hours): not an existing file without
+    --force, not a directory, and in a directory that exists (created now) and can be written."""
+    if not args.json:
+        return None
+    path = Path(args.json).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"--json {path} is a directory; pass a file name, e.g. {path / 'results.json'}")
+    if path.exists() and not args.force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it or choose another --json path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--json {path}: cannot create its directory {path.parent} ({e.strerror or e})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"--json {path}: its directory {path.parent} is not writable; choose another path")
+    return path
 
 
 def _progress(is_main: bool, desc: str):
@@ -181,7 +200,7 @@ def _loss(args, model, block_size, batch_size, autocast_dtype, rank, world_size,
             master_process=rank == 0,
         )
         loader = DataLoaderLite(config, device=device)
-        steps = args.steps or loader.steps_per_epoch  # default: the whole split once, each chunk on one rank
+        steps = _shard_steps(args, loader.steps_per_epoch, batch_size * seq_len * world_size)
         result = loss_stats(model, loader, steps, autocast_dtype=autocast_dtype)
         source = {"source": "shards", "split": args.split, "steps": steps}
     else:
@@ -195,6 +214,22 @@ def _loss(args, model, block_size, batch_size, autocast_dtype, rank, world_size,
         result = loss_stats(model, batches, None, autocast_dtype=autocast_dtype)
         source = {"source": "text", "windows": len(windows), "stride": args.stride or seq_len}
     return {"loss": result.loss, "ppl": result.ppl, "tokens": result.tokens, "seq_len": seq_len, **source}
+
+
+def _shard_steps(args: argparse.Namespace, per_epoch: int, tokens_per_step: int) -> int:
+    """Batches per rank over token shards: the whole split once (default), --steps N of it, or the
+    fewest whole batches that hold --limit tokens. Never more than one pass: a second one would
+    count the same tokens twice."""
+    if args.steps is not None and args.limit is not None:
+        raise ValueError("give --steps (batches per rank) or --limit (tokens), not both")
+    if args.steps is not None and args.steps > per_epoch:
+        raise ValueError(
+            f"--steps {args.steps} is more than one pass over the {args.split} split ({per_epoch} batches per rank); "
+            f"pass at most {per_epoch}, or leave it out for the whole split"
+        )
+    if args.limit is not None:
+        return min(per_epoch, -(-args.limit // tokens_per_step))
+    return args.steps or per_epoch
 
 
 ROWS = {

@@ -26,12 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from gpt2.checkpoint.layout import part_of_run
     from gpt2.commands.common import load_for_inference
     from gpt2.hf import save_pretrained
     from gpt2.inference.load import ModelSpec
     from gpt2.loading import model_dir
 
     out = Path(args.out).expanduser()
+    clash = part_of_run(out)
+    if clash is not None:  # --model RUN would then find two models; a run's files are train's to write
+        raise ValueError(f"HF_DIR {out} {clash}; choose a directory outside the run")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; pass a directory for the HuggingFace files")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:

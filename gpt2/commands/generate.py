@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import sys
 import time
 
@@ -60,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("empty prompt; pass some text, or omit --prompt to start a new document")
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise ValueError("--num-samples and --max-new-tokens must be >= 1")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in 0..{2**63 - 1}, got {args.seed}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in 0..{2**63 - 1}, got {args.seed}")
     tok = Tokenizer()
     seqs = sequences(  # checks the sampling settings before anything is loaded
         [tok.encode(t) for t in texts],
@@ -80,6 +85,13 @@ def run(args: argparse.Namespace) -> int:
         kernels.use_fused(fused, False, device)  # what cannot run is refused before loading
     model, device = load_for_inference(model_spec(args, str(device)))
     loaded = time.perf_counter()
+    top = max(max(s.prompt) for s in seqs)
+    if top >= model.config.vocab_size:
+        raise ValueError(
+            f"the prompt holds token id {top}, outside the model's vocabulary of "
+            f"{model.config.vocab_size}; this model was trained on other token ids than GPT-2's tokenizer gives"
+        )
+    busy = busy_cpu_note(device)  # measured before our own threads load the machine
     shown = [("" if t == START else t) for t in texts for _ in range(args.num_samples)]
     stream = _Stream(tok, shown[0]) if len(seqs) == 1 else None
     result = generate(model, seqs, eos_id=tok.eot_id, cuda_graph=graph, fused=fused, on_tokens=stream and stream.write)
@@ -89,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         if stream is None:
             print(f"--- sample {i + 1} ---\n{prefix}{tok.decode(row)}")
     sys.stdout.flush()
-    print(_report(result, time.perf_counter() - loaded, device), file=sys.stderr)
+    print(_report(result, time.perf_counter() - loaded, device, busy), file=sys.stderr)
     return 0
 
 
@@ -110,7 +122,7 @@ class _Stream:
         sys.stdout.write(self.decoder.decode(b"", final=True) + "\n")
 
 
-def _report(result, seconds: float, device) -> str:
+def _report(result, seconds: float, device, note: str = "") -> str:
     """The line after the text: tokens, decoding rate, seconds since the model was loaded."""
     rate = result.decode_tokens_per_s
     rate_text = f"{rate:.1f} tokens/s decoding" if rate is not None else "no decoding steps"
@@ -118,5 +130,19 @@ def _report(result, seconds: float, device) -> str:
     step = "fused kernels" if result.fused else "PyTorch step"
     return (
         f"[{result.num_tokens} tokens, {rate_text}, {seconds:.2f} s since the model was loaded{graphs}; "
-        f"{device}, {step}]"
+        f"{device}, {step}{note}]"
     )
+
+
+def busy_cpu_note(device) -> str:
+    """A note for the speed line when torch's CPU threads would oversubscribe a machine that other
+    processes keep busy: OpenMP threads then wait on each other (measured on 2 busy cores: 12.9
+    tokens/s with torch's default threads, 109 with OMP_NUM_THREADS=1)."""
+    import torch
+
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return ""
+    threads, cores, load = torch.get_num_threads(), os.cpu_count() or 1, os.getloadavg()[0]
+    if threads < 2 or load < 1 or load + threads <= cores:  # load < 1: no other process keeps a core busy
+        return ""
+    return f"; {threads} threads on {cores} busy cores (load {load:.1f}): OMP_NUM_THREADS=1 may be much faster"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import socket
 import sys
 
 from gpt2.commands.common import add_decode_kernels_argument, add_model_arguments
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise RuntimeError("gpt2 serve needs the serve extra: pip install 'gpt2[serve]' (starlette, uvicorn)") from None
+    check_arguments(args)
     import torch
 
     from gpt2 import kernels
@@ -109,6 +111,22 @@ def run(args: argparse.Namespace) -> int:
     tune_process()
     run_server(service, args.host, args.port, access_log=args.access_log)
     return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """One-line errors for flags that cannot work, before the model loads (which takes a while)."""
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    for name in ("max_batch", "max_queue", "max_prefill_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:  # the port is free and the address ours, now rather than after the model has loaded
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except OSError as e:
+        reason = e.strerror or e
+        raise OSError(f"cannot listen on {args.host}:{args.port} ({reason}); choose another --port or --host") from None
 
 
 def _engine_in_this_process(spec, model_id: str, config):

@@ -16,11 +16,18 @@ PROMPTS = [
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, device=False, dtype=False)  # fp32 on the CPU, as transformers' reference
     parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed max |logit difference| (fp32)")
-    parser.add_argument("--greedy-tokens", type=int, default=20)
+    parser.add_argument("--greedy-tokens", type=int, default=20, help="greedy tokens compared per prompt (>= 1)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
     import torch
+
+    if not (math.isfinite(args.atol) and args.atol >= 0):
+        raise ValueError(f"--atol must be a finite number >= 0, got {args.atol}")
+    if args.greedy_tokens < 1:
+        raise ValueError(f"--greedy-tokens must be >= 1, got {args.greedy_tokens}")
 
     from gpt2.commands.common import load_for_inference
     from gpt2.inference.load import ModelSpec

@@ -71,10 +71,17 @@ def cached_download(url: str, dest: Path) -> Path:
     try:
         atomic_write(dest, lambda tmp: _download(url, tmp))
     except OSError as e:  # URLError, HTTPError, timeouts and disk errors are all OSErrors
-        raise RuntimeError(
-            f"could not download {url} ({type(e).__name__}: {e}); pass a local file with --data PATH"
-        ) from e
+        reason = f"{type(e).__name__}: {e}"
+        raise DownloadError(f"could not download {url} ({reason}); pass a local file with --data PATH", reason) from e
     return dest
+
+
+class DownloadError(RuntimeError):
+    """Evaluation data could not be downloaded (offline, say); `reason` is why, without advice."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _download(url: str, path: Path) -> None:
@@ -89,13 +96,15 @@ def _jsonl(path: str | Path, what: str) -> Iterator[tuple[str, dict]]:
     if not path.is_file():
         hint = "it is a directory" if path.is_dir() else "no such file"
         raise FileNotFoundError(f"{what} data {path} not found ({hint}); pass the path of its .jsonl file")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte {e.start}); pass a UTF-8 .jsonl file") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
             if not isinstance(obj, dict):

@@ -75,7 +75,7 @@ def sequences(
         Sequence(
             p,
             max_new_tokens,
-            seed=choice_seed(seed % 2**63, i * num_samples + j),
+            seed=choice_seed(seed, i * num_samples + j),
             **settings,
         )
         for i, p in enumerate(prompts)

@@ -100,9 +100,11 @@ def filter_rows(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     kth = sorted_logits.gather(-1, (top_k.clamp(1, V) - 1)[:, None])  # (B, 1) k-th largest value
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
-    # drop a token when the tokens ranked above it already hold top_p of the mass (keeps >= 1)
+    # drop a token when the tokens ranked above it already hold top_p of the mass; the top token
+    # always stays (a top_p below float32's smallest number would otherwise drop it too)
     drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
     drop = drop | (sorted_logits == float("-inf"))
+    drop[:, 0] = False
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 

@@ -20,6 +20,7 @@ from gpt2.prepare.split import CUT_STREAM, SplitPlan, split_plan, write_stream
 from gpt2.prepare.writer import MANIFEST, Cursor, Writer, start_manifest, totals, write_manifest
 
 DEFAULT_SHARD_TOKENS = 100_000_000
+MAX_SHARD_TOKENS = 1 << 31  # the writer holds a shard in memory: 4 GB of uint16 at most
 PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 
 
@@ -150,8 +151,10 @@ def _options(
 
 def _check(opts: _Options) -> None:
     """One-line ValueErrors for settings out of range or given together where they exclude each other."""
-    if opts.shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be positive, got {opts.shard_tokens}")
+    if not 1 <= opts.shard_tokens <= MAX_SHARD_TOKENS:
+        raise ValueError(
+            f"shard_tokens must be in 1..{MAX_SHARD_TOKENS:,} (a shard is built in memory), got {opts.shard_tokens:,}"
+        )
     if not PREFIX.fullmatch(opts.prefix):
         raise ValueError(
             f"prefix {opts.prefix!r} must be letters, digits, '.' or '-' (no '_', which separates the split)"

@@ -62,8 +62,16 @@ class TrainingConfig:
         "match_rms_adamw", "muon: match_rms_adamw (update RMS as AdamW's: AdamW-sized lr), spectral, or none"
     )
     muon_split_qkv: bool = _f(True, "muon: orthogonalize c_attn's query, key and value matrices separately")
+    muon_split_heads: bool = _f(False, "muon: orthogonalize each head's query and key on its own (with split_qkv)")
+    muon_normuon: bool = _f(False, "muon: NorMuon: divide each neuron's orthogonalized update by its running RMS")
+    muon_normuon_beta2: float = _f(0.95, "muon: NorMuon's second-moment decay")
+    muon_cautious_wd: bool = _f(False, "muon: decay only where the update and the weight agree in sign (cautious)")
+    muon_ns_coefficients: str = _f("quintic", "muon: Newton-Schulz coefficients: quintic (Keller's) or polar_express")
+    muon_momentum_warmup_steps: int = _f(0, "muon: ramp the momentum from muon_momentum_start over N steps (0: off)")
+    muon_momentum_start: float = _f(0.85, "muon: momentum at step 0 of the momentum warmup")
     embedding_lr: float | None = _f(None, "muon: AdamW lr of the tied token embedding / LM head (unset: max_lr)")
     embedding_weight_decay: float | None = _f(None, "muon: its weight decay (unset: weight_decay)")
+    embedding_beta1: float | None = _f(None, "muon: its AdamW beta1 (unset: beta1)")
     position_lr: float | None = _f(None, "muon: AdamW lr of the position embeddings (unset: max_lr)")
     position_weight_decay: float | None = _f(None, "muon: their weight decay (unset: weight_decay)")
     scalar_lr: float | None = _f(None, "muon: AdamW lr of biases and LayerNorm parameters (unset: max_lr)")
@@ -77,6 +85,10 @@ class TrainingConfig:
     decay_shape: str = _f("linear", "wsd: linear, or sqrt (1 - sqrt of the decay's progress)")
     batch_warmup_steps: int = _f(0, "grow tokens per step linearly over the first N steps (0: off)")
     batch_warmup_tokens: int = _f(65536, "batch warmup: tokens per step at step 0 (lr scaled by sqrt of the ratio)")
+    seq_len_warmup_steps: int = _f(0, "train on shorter sequences first, doubling up to seq_len over N steps (0: off)")
+    seq_len_warmup_start: int = _f(256, "sequence-length warmup: tokens per sequence at step 0 (seq_len / 2**k)")
+    weight_ema: float = _f(0.0, "final weights = an EMA of the weights from ema_start on, this decay (0: off)")
+    ema_start: float = _f(0.5, "weight averaging starts after this fraction of max_steps")
     # periodic work (intervals in optimizer steps; 0 = never; each also runs after the last step)
     eval_interval: int = _f(250, "validation loss every N steps")
     val_steps: int = _f(20, "validation batches (micro_batch_size x seq_len each, per process)")
@@ -135,6 +147,7 @@ class TrainingConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self._validate_optimizer()
+        self._validate_levers()
         self._validate_runtime()
         block = self.model_config().block_size  # unknown preset or impossible shape -> ValueError
         if self.seq_len > block:
@@ -179,6 +192,32 @@ class TrainingConfig:
                 "use --parallelism ddp, or --optimizer adamw with fsdp"
             )
 
+    def _validate_levers(self) -> None:
+        """The options of the faster recipes (docs/training.md, "Faster recipes")."""
+        if self.muon_ns_coefficients not in ("quintic", "polar_express"):
+            raise ValueError(
+                f"unknown muon_ns_coefficients {self.muon_ns_coefficients!r}; choose one of quintic, polar_express"
+            )
+        for name in ("muon_normuon_beta2", "muon_momentum_start", "embedding_beta1", "weight_ema"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        for name in ("muon_momentum_warmup_steps", "seq_len_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.muon_split_heads and not self.muon_split_qkv:
+            raise ValueError("muon_split_heads splits the query and key matrices further; it needs muon_split_qkv true")
+        if not 0 <= self.ema_start <= 1:
+            raise ValueError(f"ema_start is a fraction of max_steps, in [0, 1]; got {self.ema_start}")
+        if self.weight_ema and self.parallelism == "fsdp":
+            raise ValueError("weight_ema averages whole weights and does not run under --parallelism fsdp; use ddp")
+        start, ratio = self.seq_len_warmup_start, self.seq_len // max(1, self.seq_len_warmup_start)
+        if self.seq_len_warmup_steps and not (start * ratio == self.seq_len and ratio in (2, 4, 8, 16)):
+            raise ValueError(
+                f"seq_len_warmup_start must be seq_len / 2, / 4, / 8 or / 16 ({self.seq_len // 2}, "
+                f"{self.seq_len // 4}, ... for seq_len {self.seq_len}), got {start}"
+            )
+
     def _validate_runtime(self) -> None:
         if self.dtype not in DTYPE_CHOICES and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
@@ -188,6 +227,8 @@ class TrainingConfig:
             raise ValueError("activation_checkpointing needs --parallelism fsdp")
         if self.parallelism == "fsdp" and self.dtype == "fp16":
             raise ValueError("fsdp trains in bf16 or fp32; use --dtype bf16 or fp32")
+        if not 0 <= self.seed < 2**62:  # seed + rank, seed + step: still seeds torch and numpy take
+            raise ValueError(f"seed must be in 0..{2**62 - 1}, got {self.seed}")
         if self.hellaswag_limit is not None and self.hellaswag_limit < 1:
             raise ValueError(f"hellaswag_limit must be >= 1 (or unset for all), got {self.hellaswag_limit}")
 

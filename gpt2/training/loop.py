@@ -25,6 +25,7 @@ import torch
 from gpt2.checkpoint import (
     TRAIN_CONFIG,
     begin_timeline,
+    checkpoint_name,
     failed_start,
     prune_checkpoints,
     set_aside_failed_start,
@@ -32,17 +33,26 @@ from gpt2.checkpoint import (
 )
 from gpt2.data import DataLoaderLite, LoaderConfig
 from gpt2.device import autocast_dtype, synchronize
-from gpt2.distributed import DistInfo, all_reduce_sum, barrier, on_main_rank
-from gpt2.fileio import atomic_write_json
+from gpt2.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, on_main_rank
+from gpt2.fileio import WriteError, as_write_error, atomic_write_json
 from gpt2.kernels.training import fuse_mlps, use_training_kernels
 from gpt2.model import GPT
+from gpt2.training.averaging import WeightAverage
 from gpt2.training.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops
 from gpt2.training.optim import apply_schedule, build_optimizer
 from gpt2.training.parallel import Snapshot, make_strategy
 from gpt2.training.periodic import due, load_hellaswag_examples, oom_message, sample_prompt, samples
 from gpt2.training.plan import RunPlan, check_shards
 from gpt2.training.plotting import plot_run
-from gpt2.training.schedule import batch_lr_scale, lr_factor, micro_steps, tokens_through
+from gpt2.training.schedule import (
+    batch_lr_scale,
+    batches_at,
+    lr_factor,
+    micro_steps,
+    muon_momentum_at,
+    seq_len_at,
+    tokens_through,
+)
 from gpt2.training.state import RngState, TrainerState
 from gpt2.training.step import StepKernels, apply_gradients, clip_gradients, forward_backward
 
@@ -108,6 +118,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, device)
         self.train_loader, self.val_loader = self._build_loaders(data_root)
         self.per_micro = cfg.micro_batch_size * cfg.seq_len * info.world_size  # tokens of one micro-step
+        self.average = WeightAverage.from_config(self.model, cfg)
         self.state = TrainerState(
             loader=self.train_loader,
             scaler=self.scaler,
@@ -115,12 +126,14 @@ class Trainer:
             info=info,
             parallelism=self.strategy.name,
             tokens_seen=lambda step: tokens_through(step - 1, cfg, self.per_micro) if step else 0,
+            average=self.average,
         )
         self.hellaswag = load_hellaswag_examples(cfg, log.info)
         self.prompt = sample_prompt(cfg, model_config.vocab_size, log.info)
         self.flops_per_token = flops_per_token(model_config, self.model.num_params(non_embedding=True), cfg.seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self.start_step = self._restore()
+        self.evaluated = bool(broadcast_object(plan.evaluated))  # rank 0's metrics.jsonl decides, for all
         # Every check has passed: only now is the run directory written (by rank 0).
         on_main_rank(self._begin, f"record the run's start in {plan.run_dir}")
         self.train_model = self.strategy.wrap(self.model, compile=self.compile)
@@ -139,7 +152,9 @@ class Trainer:
             if self.info.is_main:
                 from gpt2.training.corpus import prepare_data
 
-                prepare_data(self.cfg.data, root, self.plan.run_dir, self.log.info)
+                prepare_data(
+                    self.cfg.data, root, self.plan.run_dir, self.log.info, new_run=self.plan.resume_from is None
+                )
             barrier()
             check_shards(root, self.cfg.model_config())
         return root
@@ -221,24 +236,37 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg = self.cfg
+        if self.start_step == cfg.max_steps:
+            self.log.info(f"the run is at max_steps {cfg.max_steps} already; pass a larger --max_steps to train on")
         self.log.start(self.start_step, cfg.max_steps)
         try:
             for step in range(self.start_step, cfg.max_steps):
-                self.evaluate(step, last=False)
+                if not self._evaluated(step):
+                    self.evaluate(step, last=False)
                 stopping = self.train_step(step)
                 done = step + 1
+                if done == cfg.max_steps and self.average is not None and self.average.copy_to():
+                    self.log.info(f"final weights: the average of the weights since step {self.average.start}")
                 interval = cfg.checkpoint_interval
                 if stopping or done == cfg.max_steps or (interval and done % interval == 0):
                     self.checkpoint(done)
                 if stopping:
                     return self._stopped(done)
-            self.evaluate(cfg.max_steps, last=True)
+            if not self._evaluated(cfg.max_steps):
+                self.evaluate(cfg.max_steps, last=True)
         except torch.cuda.OutOfMemoryError as e:
             raise RuntimeError(oom_message(self.phase, cfg)) from e
+        except WriteError as e:  # between saves (metrics.jsonl, a plot)
+            raise CheckpointWriteError(self._write_failure(str(e.path), e)) from e
         finally:
             self.log.end_progress()
         self._plot()
         return TrainResult(cfg.max_steps, self.last_loss, self.last_ckpt, val_loss=self.last_val)
+
+    def _evaluated(self, step: int) -> bool:
+        """Whether the weights after `step` updates were evaluated already: those of the resumed
+        checkpoint, when metrics.jsonl holds their evaluation (e.g. the last one of a finished run)."""
+        return step == self.start_step and self.evaluated
 
     def train_step(self, step: int) -> bool:
         """One optimizer step (the weights after `step` updates -> `step + 1`), logged; returns
@@ -247,12 +275,12 @@ class Trainer:
         self.phase = "training"
         t0 = time.perf_counter()
         factor = lr_factor(step, cfg) * batch_lr_scale(step, cfg, self.per_micro)
-        apply_schedule(self.optimizer, cfg, factor)
+        apply_schedule(self.optimizer, cfg, factor, momentum=muon_momentum_at(step, cfg))
         self.optimizer.zero_grad(set_to_none=True)
         accum = micro_steps(step, cfg, self.per_micro)
         loss = forward_backward(
             self.train_model,
-            self.train_loader.next_batch,
+            batches_at(step, cfg, self.train_loader.next_batch),
             accum,
             amp_dtype=self.amp_dtype,
             scaler=self.scaler,
@@ -265,6 +293,8 @@ class Trainer:
         loss_value, stop_votes = (all_reduce_sum(shared) / torch.tensor([info.world_size, 1], device=device)).tolist()
         self._check_finite(step, loss_value, float(grad_norm))
         apply_gradients(self.optimizer, self.scaler)
+        if self.average is not None:
+            self.average.update(step + 1)
         synchronize(device)
         self.last_loss = loss_value
         self._log_step(step, loss_value, cfg.max_lr * factor, float(grad_norm), time.perf_counter() - t0)
@@ -293,6 +323,8 @@ class Trainer:
             "tokens_per_sec": tokens_per_sec,
             "tokens": tokens_through(step, self.cfg, self.per_micro),
         }
+        if self.cfg.seq_len_warmup_steps:
+            record["seq_len"] = seq_len_at(step, self.cfg)
         peak = self.peak if self.amp_dtype is not None else None
         utilization = mfu(self.flops_per_token, tokens_per_sec / self.info.world_size, peak)
         if utilization is not None:
@@ -342,7 +374,8 @@ class Trainer:
         try:
             path = self.strategy.save(self.plan.run_dir, snap)
         except (OSError, RuntimeError) as e:  # a full disk: OSError from Python, RuntimeError from torch.save
-            raise CheckpointWriteError(self._write_failure(step, e)) from e
+            where = f"checkpoint {checkpoint_name(step)} in {self.plan.run_dir}"
+            raise CheckpointWriteError(self._write_failure(where, e)) from e
         if self.info.is_main:
             write_run_state(self.plan.run_dir, path)
             if self.cfg.keep_last_k:
@@ -350,16 +383,18 @@ class Trainer:
             self.last_ckpt = path
             self.log.info(f"saved checkpoint {path}")
 
-    def _write_failure(self, step: int, error: BaseException) -> str:
-        from gpt2.checkpoint import checkpoint_name
-
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1][:120]
+    def _write_failure(self, what: str, error: BaseException) -> str:
+        """One line: what could not be written and why, what is intact, the command that continues."""
+        failure = as_write_error(self.plan.run_dir, error)
+        reason = failure.reason if failure is not None else (str(error).strip() or type(error).__name__)
         previous = self.last_ckpt or self.plan.resume_from
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        return (
-            f"could not write checkpoint {checkpoint_name(step)} in {self.plan.run_dir} ({reason}; is the disk full?); "
-            f"{kept}: free space and continue with gpt2 train --resume {self.plan.run_dir}"
+        advice = (  # with nothing to resume, a rerun of the same command sets this start's files aside
+            f"the previous checkpoint {previous} is intact: free space and continue with gpt2 train --resume "
+            f"{self.plan.run_dir}"
+            if previous is not None
+            else "no earlier checkpoint exists: free space and run the same command again"
         )
+        return f"could not write {what} ({reason.splitlines()[-1][:120]}; is the disk full?); {advice}"
 
     def _stopped(self, step: int) -> TrainResult:
         self.log.info(
@@ -373,5 +408,5 @@ class Trainer:
             return
         try:
             self.log.info(f"loss curve: {plot_run(self.plan.run_dir)}")
-        except RuntimeError as e:  # matplotlib missing: say so, the run itself succeeded
+        except (RuntimeError, OSError) as e:  # matplotlib missing, a full disk: say so, the run itself succeeded
             self.log.info(f"note: {e}")

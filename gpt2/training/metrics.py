@@ -20,6 +20,7 @@ import torch
 
 from gpt2.checkpoint.layout import METRICS
 from gpt2.config import GPTConfig
+from gpt2.fileio import as_write_error
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s per GPU, from NVIDIA's / AMD's datasheets.
 # Matched in order against the lower-cased torch.cuda.get_device_name(): the first entry whose
@@ -111,7 +112,9 @@ def _git_sha() -> str | None:
         if out.returncode != 0:
             return None
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # --no-optional-locks: a query never writes the index (a full disk or the timeout could leave
+            # a stale .git/index.lock in the user's checkout)
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
             cwd=Path(__file__).parent,
             capture_output=True,
             text=True,
@@ -167,6 +170,7 @@ class RunLogger:
         self.tty = tty
         self.log_interval = max(1, log_interval)
         self._file: IO[str] | None = None
+        self._write_failed = False  # metrics.jsonl could not be written (reported once, not again on close)
         self._tb = None
         self._wandb = None
         self._bar = None
@@ -283,8 +287,12 @@ class RunLogger:
             self._wandb.log({f"{record['type']}/{k}": v for k, v in numbers.items()}, step=record["step"])
 
     def _write_files(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: one line naming the file
+            self._write_failed = True
+            raise as_write_error(self.run_dir / METRICS, e) from e
         step = record.get("step")
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self._tb is not None and step is not None:
@@ -322,8 +330,12 @@ class RunLogger:
     def close(self) -> None:
         self.end_progress()
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as e:  # the buffered tail of a write that failed (reported already), or a new failure
+                if not self._write_failed:
+                    raise as_write_error(self.run_dir / METRICS, e) from e
         if self._tb is not None:
             self._tb.close()
             self._tb = None

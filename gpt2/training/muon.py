@@ -6,12 +6,24 @@ Liu et al., "Muon is scalable for LLM training", https://arxiv.org/abs/2502.1698
     m  <- mu m + (1 - mu) g                         momentum buffer, as an EMA (Keller's and torch's form)
     u  <- (1 - mu) g + mu m   (Nesterov)  or  m
     O  <- NS5(u)                                    ~ U V^T of u = U S V^T, singular values pushed into ~[0.7, 1.2]
+    O  <- NorMuon(O)                                optional, below
     W  <- W (1 - lr wd) - adjusted_lr O              decoupled decay uses the unadjusted lr (as Moonshot and torch)
 
-Split matrices: a parameter may be a stack of `splits` equal row blocks, each orthogonalized (and its lr adjusted)
-on its own. GPT-2's fused `attn.c_attn.weight` is (3C, C) = [W_q; W_k; W_v]: give it a group with `splits=3` so
-the query, key and value matrices are three C x C problems, as they would be unfused. `torch.optim.Muon`
-(PyTorch >= 2.9) cannot do this, which is why this module exists. Other differences from it:
+Options beyond that (all off by default; each is a param-group option):
+- `normuon`: NorMuon (Li et al. 2025, https://arxiv.org/abs/2510.05491): a running second moment v of each neuron
+  of the larger side (rows of a tall or square block, columns of a wide one), v <- beta2 v + (1 - beta2) mean(O^2)
+  over the smaller side, then O <- O / sqrt(v), rescaled so that ||O||_F is what it was (the form measured in
+  modded-nanogpt's record; it keeps the lr's meaning, and the rescale makes a bias correction of v moot).
+- `cautious_wd`: cautious weight decay (Chen et al. 2025, "Cautious Weight Decay"): decay only the entries
+  where the update and the weight agree in sign, W <- W - lr wd W [O W >= 0] - adjusted_lr O.
+- `ns_coefficients = "polar_express"`: Amsel et al. 2025 (https://arxiv.org/abs/2505.16932), a different
+  (a, b, c) per iteration, designed for bf16 with a 2% safety margin on the normalization (X / (1.02 ||X||_F)).
+
+Split matrices: a parameter may be a stack of row blocks, each orthogonalized (and its lr adjusted) on its own:
+`splits=k` for k equal blocks, or a tuple of block heights. GPT-2's fused `attn.c_attn.weight` is (3C, C) =
+[W_q; W_k; W_v]: `splits=3` makes the query, key and value matrices three C x C problems, as they would be
+unfused; `splits=(hs,) * 2 * n_head + (C,)` orthogonalizes every head's query and key on its own.
+`torch.optim.Muon` (PyTorch >= 2.9) cannot do this, which is why this module exists. Other differences from it:
 - `adjust_lr=None` means no adjustment here; torch's `adjust_lr_fn=None` means its "original" (our "spectral").
 - Newton–Schulz runs in `ns_dtype` (bf16 on CUDA, fp32 elsewhere); torch always uses bf16, even on CPU.
 - Normalization is X / (||X||_F + eps) (Keller's); torch's is X / max(||X||_F, eps): they differ only when
@@ -34,7 +46,25 @@ import torch.distributed as dist
 from torch import Tensor
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller's quintic: steepest slope at 0 that still lands in ~[0.7, 1.2]
+# Polar Express (Amsel et al. 2025): one (a, b, c) per iteration for 5 iterations, computed for bf16 with a 2%
+# safety factor (the values modded-nanogpt and nanochat use); with these, X is normalized by 1.02 ||X||_F.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NS_COEFFICIENTS = ("quintic", "polar_express")
 ADJUST_LR = ("match_rms_adamw", "spectral", None)
+NORMUON_FLOOR = 1e-10  # second moments below this count as this (an all-zero neuron stays zero, not NaN)
+
+
+def _is_splits(v: Any) -> bool:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v >= 1
+    return isinstance(v, (tuple, list)) and len(v) > 0 and all(isinstance(r, int) and r >= 1 for r in v)
+
 
 # Each group option and what it must satisfy; a failure is a one-line ValueError naming both.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -46,22 +76,30 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eps": (lambda v: v > 0, "must be > 0"),
     "adjust_lr": (lambda v: v in ADJUST_LR, f"must be one of {ADJUST_LR}"),
     "ns_dtype": (lambda v: v is None or (isinstance(v, torch.dtype) and v.is_floating_point), "must be a float dtype"),
-    "splits": (lambda v: isinstance(v, int) and v >= 1, "must be an int >= 1"),
+    "splits": (_is_splits, "must be an int >= 1 or a tuple of block heights >= 1"),
+    "normuon": (lambda v: isinstance(v, bool), "must be True or False"),
+    "beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "cautious_wd": (lambda v: isinstance(v, bool), "must be True or False"),
+    "ns_coefficients": (lambda v: v in NS_COEFFICIENTS, f"must be one of {NS_COEFFICIENTS}"),
 }
 
 
-def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> Tensor:
+def newton_schulz(
+    g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.float32, coefficients: str = "quintic"
+) -> Tensor:
     """Orthogonalize each matrix of a stack: (k, A, B) -> (k, A, B) in `dtype`, ~U V^T of each g[i] = U S V^T.
 
     The quintic overshoots on purpose (fewer steps), so singular values end in ~[0.7, 1.2], not at 1.
     """
-    a, b, c = NS_COEFFS
+    polar = coefficients == "polar_express"
+    schedule = POLAR_EXPRESS[:steps] if polar else (NS_COEFFS,) * steps
     x = g.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT  # (k, B, A): iterate on the wide side, so the Gram matrix is the smaller B x B
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # ||X||_2 <= ||X||_F, so every singular value is <= 1
-    for _ in range(steps):
+    norm = x.norm(dim=(-2, -1), keepdim=True)  # ||X||_2 <= ||X||_F, so every singular value is <= 1
+    x = x / (norm * 1.02 + eps) if polar else x / (norm + eps)
+    for a, b, c in schedule:
         gram = x @ x.mT  # (k, m, m)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2
         x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b G + c G^2) X
@@ -86,28 +124,50 @@ def default_ns_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def block_rows(splits: int | tuple[int, ...], rows: int) -> tuple[int, ...]:
+    """The heights of the row blocks that `splits` cuts a parameter of `rows` rows into."""
+    if isinstance(splits, int):
+        return (rows // splits,) * splits
+    return tuple(splits)
+
+
 def check_group(group: dict[str, Any]) -> None:
     """Raise a one-line ValueError for an option, or a parameter, that Muon cannot use."""
     for key, (ok, need) in _RULES.items():
         if not ok(group[key]):
             raise ValueError(f"Muon: {key}={group[key]!r} {need}")
+    if isinstance(group["splits"], list):
+        group["splits"] = tuple(group["splits"])  # hashable, and saved as given
+    if group["ns_coefficients"] == "polar_express" and group["ns_steps"] > len(POLAR_EXPRESS):
+        raise ValueError(f"Muon: ns_steps={group['ns_steps']} exceeds the {len(POLAR_EXPRESS)} Polar Express steps")
     k = group["splits"]
     for p in group["params"]:
         if p.ndim != 2:
             raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is not 2-D (optimize it with AdamW)")
-        if p.size(0) % k:
+        if isinstance(k, int) and p.size(0) % k:
             raise ValueError(f"Muon: splits={k} does not divide the {p.size(0)} rows of a {tuple(p.shape)} parameter")
+        if isinstance(k, tuple) and sum(k) != p.size(0):
+            raise ValueError(
+                f"Muon: splits={k} sum to {sum(k)}, not the {p.size(0)} rows of a {tuple(p.shape)} parameter"
+            )
+        factors = {adjusted_lr(1.0, group["adjust_lr"], r, p.size(1)) for r in block_rows(k, p.size(0))}
+        if len(factors) > 1:
+            raise ValueError(
+                f"Muon: the blocks {k} of a {tuple(p.shape)} parameter need different lr adjustments; "
+                "use blocks no taller than the matrix is wide"
+            )
 
 
 class Muon(torch.optim.Optimizer):
     """Muon over 2-D parameters; every option is also a param-group option (see the module docstring).
 
-    `splits` (default 1) declares each parameter of a group a stack of that many equal row blocks, orthogonalized
-    separately: `Muon([{"params": c_attn_weights, "splits": 3}, {"params": other_matrices}], lr=...)`.
-    `process_group` (optional) shares the Newton–Schulz work: rank r of W orthogonalizes matrices r, r+W, ...
+    `splits` (default 1) declares each parameter of a group a stack of row blocks, orthogonalized separately:
+    `Muon([{"params": c_attn_weights, "splits": 3}, {"params": other_matrices}], lr=...)`.
+    `process_group` (optional) shares the Newton–Schulz work: rank r of W orthogonalizes stacks r, r+W, ...
     and broadcasts them. Results are the same bits as without it; every rank must step the same parameters.
-    State per parameter is its momentum buffer only, so `state_dict()` round-trips exactly. A step holds one update
-    and one orthogonalized copy of every matrix at once (sharing needs them together): ~2x the matrices' memory.
+    State per parameter is its momentum buffer (and NorMuon's second moments), so `state_dict()` round-trips
+    exactly. A step holds one update and one orthogonalized copy of every matrix at once (sharing needs them
+    together): ~2x the matrices' memory.
     """
 
     def __init__(
@@ -121,12 +181,17 @@ class Muon(torch.optim.Optimizer):
         eps: float = 1e-7,
         adjust_lr: str | None = "match_rms_adamw",
         ns_dtype: torch.dtype | None = None,
-        splits: int = 1,
+        splits: int | tuple[int, ...] = 1,
+        normuon: bool = False,
+        beta2: float = 0.95,
+        cautious_wd: bool = False,
+        ns_coefficients: str = "quintic",
         *,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps)
-        defaults.update(eps=eps, adjust_lr=adjust_lr, ns_dtype=ns_dtype, splits=splits)
+        defaults.update(eps=eps, adjust_lr=adjust_lr, ns_dtype=ns_dtype, splits=splits, normuon=normuon)
+        defaults.update(beta2=beta2, cautious_wd=cautious_wd, ns_coefficients=ns_coefficients)
         self.process_group = process_group
         super().__init__(params, defaults)
 
@@ -144,8 +209,8 @@ class Muon(torch.optim.Optimizer):
         """One update of every parameter that has a gradient, in group order (the same order on every rank).
 
         Launch-bound on a GPU if done matrix by matrix (GPT-2 124M: 48 matrices x ~20 small kernels), so
-        the work is batched: one multi-tensor momentum update per group, one Newton-Schulz per stack of
-        same-shaped blocks (all 768 x 768 ones of every layer together), one multi-tensor update per lr.
+        the work is batched: one multi-tensor momentum update per group, one Newton-Schulz (and NorMuon) per
+        stack of same-shaped blocks (all 768 x 768 ones of every layer together), one multi-tensor update per lr.
         """
         loss = None
         if closure is not None:
@@ -160,8 +225,7 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _momentum(self, jobs: list[tuple[Tensor, dict[str, Any]]]) -> list[Tensor]:
-        """Advance every momentum buffer; return each parameter's (Nesterov) update as
-        (splits, A / splits, B) row blocks."""
+        """Advance every momentum buffer; return each parameter's (Nesterov) update, shaped like it."""
         out: list[Tensor] = []
         for group in self.param_groups:
             mine = [p for p, g in jobs if g is group]
@@ -176,45 +240,101 @@ class Muon(torch.optim.Optimizer):
                 group["momentum"],
             )
             torch._foreach_lerp_(bufs, grads, 1 - mu)
-            updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-            out += [u.reshape(group["splits"], -1, p.size(1)) for u, p in zip(updates, mine)]
+            out += torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
         return out
 
     def _orthogonalize(self, jobs: list[tuple[Tensor, dict[str, Any]]], updates: list[Tensor]) -> list[Tensor]:
-        """Newton-Schulz of every update, one call per stack of blocks of the same shape and settings;
-        with a process group, stack i is done on rank i % W and broadcast (the same bits either way).
-        Returns each parameter's orthogonalized update in the parameter's dtype, shaped like it."""
+        """Newton-Schulz of every row block, one call per stack of blocks of the same shape and settings;
+        with a process group, stack i is done on rank i % W and broadcast (the same bits either way); then
+        NorMuon on every rank (its state stays the same everywhere). Returns each parameter's orthogonalized
+        update in the parameter's dtype, shaped like it."""
         world, rank = 1, 0
         if self.process_group is not None:
             world, rank = dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
-        stacks: dict[tuple, list[int]] = {}
-        for i, ((p, group), u) in enumerate(zip(jobs, updates)):
-            key = (tuple(u.shape[1:]), group["ns_steps"], group["eps"], group["ns_dtype"] or default_ns_dtype(p.device))
-            stacks.setdefault(key, []).append(i)
-        out: list[Tensor | None] = [None] * len(jobs)
-        works = []
-        for n, ((_, steps, eps, dtype), members) in enumerate(stacks.items()):
-            stack = torch.cat([updates[i] for i in members])  # (blocks, A, B)
+        blocks = [u.split(block_rows(g["splits"], p.size(0))) for (p, g), u in zip(jobs, updates)]
+        stacks: dict[tuple, list[tuple[int, int]]] = {}
+        for i, (p, group) in enumerate(jobs):
+            dtype = group["ns_dtype"] or default_ns_dtype(p.device)
+            options = (group["ns_steps"], group["eps"], dtype, group["ns_coefficients"])
+            options += (group["beta2"] if group["normuon"] else None,)
+            for j, block in enumerate(blocks[i]):
+                stacks.setdefault((tuple(block.shape), *options), []).append((i, j))
+        results, works = [], []
+        for n, (key, members) in enumerate(stacks.items()):
+            _, steps, eps, dtype, coefficients, _ = key
+            stack = torch.stack([blocks[i][j] for i, j in members])  # (blocks, A, B)
             mine = n % world == rank
-            result = newton_schulz(stack, steps, eps, dtype) if mine else torch.empty_like(stack, dtype=dtype)
+            result = (
+                newton_schulz(stack, steps, eps, dtype, coefficients) if mine else torch.empty_like(stack, dtype=dtype)
+            )
             if world > 1:
                 src = dist.get_global_rank(self.process_group, n % world)
                 works.append(dist.broadcast(result, src, group=self.process_group, async_op=True))
-            for i, block in zip(members, result.split([updates[i].size(0) for i in members])):
-                out[i] = block
+            results.append(result)
         for work in works:
             work.wait()
-        return [o.to(p.dtype).view(p.shape) for o, (p, _) in zip(out, jobs)]
+        pieces: list[list[Tensor]] = [list(b) for b in blocks]  # each replaced by its orthogonalized block
+        for (key, members), result in zip(stacks.items(), results):
+            if key[-1] is not None:
+                result = self._normuon(result, members, jobs, key[-1])
+            for (i, j), block in zip(members, result):
+                pieces[i][j] = block
+        return [self._join(ps, p) for ps, (p, _) in zip(pieces, jobs)]
+
+    @staticmethod
+    def _join(pieces: list[Tensor], p: Tensor) -> Tensor:
+        """A parameter's orthogonalized blocks as one tensor in its dtype and shape."""
+        whole = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return whole.to(p.dtype).view(p.shape)
+
+    def _normuon(self, result: Tensor, members: list[tuple[int, int]], jobs: list, beta2: float) -> Tensor:
+        """NorMuon on a stack (k, A, B): each neuron of the larger side divided by the root of its running
+        mean square, each block rescaled to its Frobenius norm before. Returns float32 (k, A, B)."""
+        o = result.float()
+        dim = -1 if o.size(-2) >= o.size(-1) else -2  # average over the smaller side
+        size = o.size(dim)
+        mean_sq = o.square().mean(dim=dim, keepdim=True)  # (k, A, 1) or (k, 1, B)
+        views = [self._second_moment(jobs[i][0], jobs[i][1], j) for i, j in members]
+        v = torch.stack(views).view_as(mean_sq)
+        v.lerp_(mean_sq, 1 - beta2)
+        torch._foreach_copy_(views, list(v.flatten(1).unbind(0)))
+        scale = v.clamp_min(NORMUON_FLOOR).rsqrt()
+        norm = (mean_sq.sum(dim=(-2, -1), keepdim=True) * size).sqrt()  # ||O||_F of each block
+        new_norm = (mean_sq * size * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+        return o * (scale * (norm / new_norm.clamp_min(NORMUON_FLOOR)))
+
+    def _second_moment(self, p: Tensor, group: dict[str, Any], j: int) -> Tensor:
+        """The view of p's NorMuon state for its block j: one float32 value per neuron of the block's larger side
+        (the state is one flat buffer per parameter, block after block)."""
+        sizes = [max(r, p.size(1)) for r in block_rows(group["splits"], p.size(0))]
+        state = self.state[p]
+        if "second_moment" not in state:
+            state["second_moment"] = torch.zeros(sum(sizes), dtype=torch.float32, device=p.device)
+        return state["second_moment"].narrow(0, sum(sizes[:j]), sizes[j])
 
     def _apply(self, jobs: list[tuple[Tensor, dict[str, Any]]], orthogonal: list[Tensor]) -> None:
-        """p <- p (1 - lr wd) - adjusted_lr O, as multi-tensor ops over parameters that share both factors."""
-        by_factors: dict[tuple[float, float], list[int]] = {}
+        """p <- p (1 - lr wd) - adjusted_lr O (cautious: p <- p - lr wd p [O p >= 0] - adjusted_lr O), as
+        multi-tensor ops over parameters that share the factors."""
+        by_factors: dict[tuple[float, float, float, bool], list[int]] = {}
         for i, (p, group) in enumerate(jobs):
-            rows, cols = p.size(0) // group["splits"], p.size(1)
-            decay = 1 - group["lr"] * group["weight_decay"]
-            by_factors.setdefault((decay, adjusted_lr(group["lr"], group["adjust_lr"], rows, cols)), []).append(i)
-        for (decay, lr), members in by_factors.items():
-            params = [jobs[i][0] for i in members]
-            if decay != 1:
+            rows, cols = block_rows(group["splits"], p.size(0))[0], p.size(1)
+            lr_wd, cautious = group["lr"] * group["weight_decay"], group["cautious_wd"]
+            key = (1 - lr_wd, adjusted_lr(group["lr"], group["adjust_lr"], rows, cols), lr_wd, cautious)
+            by_factors.setdefault(key, []).append(i)
+        for (decay, lr, lr_wd, cautious), members in by_factors.items():
+            params, updates = [jobs[i][0] for i in members], [orthogonal[i] for i in members]
+            if cautious and lr_wd:
+                _cautious_decay(params, updates, lr_wd)
+            elif decay != 1:
                 torch._foreach_mul_(params, decay)
-            torch._foreach_add_(params, [orthogonal[i] for i in members], alpha=-lr)
+            torch._foreach_add_(params, updates, alpha=-lr)
+
+
+def _cautious_decay(params: list[Tensor], updates: list[Tensor], lr_wd: float) -> None:
+    """p <- p - lr_wd p [u p >= 0] for every pair: decay only where the update and the weight agree in sign."""
+    mask = torch._foreach_mul(updates, params)
+    mask = torch._foreach_sign(mask)  # -1, 0 or 1
+    torch._foreach_add_(mask, 1.0)
+    torch._foreach_clamp_max_(mask, 1.0)  # 0 where they disagree, else 1
+    torch._foreach_mul_(mask, params)
+    torch._foreach_add_(params, mask, alpha=-lr_wd)

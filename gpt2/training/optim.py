@@ -3,12 +3,16 @@
     adamw   AdamW on every parameter; weight decay on 2-D ones (matmuls, embeddings), none on biases
             and LayerNorm gains (the seed recipe, as GPT-3 and build-nanogpt).
     muon    Muon (gpt2.training.muon) on the 2-D weight matrices inside the Blocks, c_attn's query,
-            key and value orthogonalized as three C x C matrices; AdamW on the rest, in three groups
-            with their own learning rate and weight decay: the tied token embedding / LM head, the
-            position embeddings, and the biases and LayerNorm parameters.
+            key and value orthogonalized as three C x C matrices (or every head's query and key on
+            its own: muon_split_heads), with NorMuon, cautious weight decay and the Polar Express
+            coefficients as options; AdamW on the rest, in three groups with their own learning rate
+            and weight decay: the tied token embedding / LM head (also its own beta1), the position
+            embeddings, and the biases and LayerNorm parameters.
 
-Every group carries a "name"; its peak learning rate and weight decay come from the TrainingConfig
-at every step (apply_schedule), so the config stays the one source of truth, also for a resumed run.
+Every group carries a "name"; its peak learning rate and weight decay (and Muon's momentum) come from
+the TrainingConfig at every step (apply_schedule), so the config stays the one source of truth, also
+for a resumed run; settings a checkpoint restores instead (betas, NorMuon, ...) must not change on a
+resume (gpt2.training.plan.RESUME_FIXED).
 """
 
 from __future__ import annotations
@@ -76,13 +80,25 @@ def _adamw(groups: list[dict[str, Any]], cfg: TrainingConfig, device: torch.devi
     """AdamW: fused kernels on CUDA, the multi-tensor (foreach) path elsewhere."""
     for group in groups:
         group["lr"], group["weight_decay"] = group_settings(cfg, group["name"])
+        if group["name"] == "embedding" and cfg.embedding_beta1 is not None:
+            group["betas"] = (cfg.embedding_beta1, cfg.beta2)  # a head-like beta1 for the tied LM head
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 
+def qkv_splits(cfg: TrainingConfig) -> int | tuple[int, ...]:
+    """The row blocks of c_attn's (3C, C) weight that Muon orthogonalizes separately: the whole matrix,
+    the query, key and value matrices, or every head's query and key and the value matrix."""
+    if not cfg.muon_split_qkv:
+        return 1
+    if not cfg.muon_split_heads:
+        return 3
+    model = cfg.model_config()
+    return (model.head_dim,) * 2 * model.n_head + (model.n_embd,)
+
+
 def _muon(groups: dict[str, list[nn.Parameter]], cfg: TrainingConfig, device: torch.device) -> MuonAdamW:
-    splits = 3 if cfg.muon_split_qkv else 1
-    matrices = [{"name": "muon_qkv", "params": groups["qkv"], "splits": splits}]
+    matrices = [{"name": "muon_qkv", "params": groups["qkv"], "splits": qkv_splits(cfg)}]
     matrices.append({"name": "muon", "params": groups["matrices"]})
     for group in matrices:
         group["lr"], group["weight_decay"] = group_settings(cfg, group["name"])
@@ -96,6 +112,10 @@ def _muon(groups: dict[str, list[nn.Parameter]], cfg: TrainingConfig, device: to
         momentum=cfg.muon_momentum,
         nesterov=cfg.muon_nesterov,
         adjust_lr=adjust,
+        normuon=cfg.muon_normuon,
+        beta2=cfg.muon_normuon_beta2,
+        cautious_wd=cfg.muon_cautious_wd,
+        ns_coefficients=cfg.muon_ns_coefficients,
         process_group=shared,
     )
     rest = [{"name": name, "params": groups[name]} for name in ("embedding", "position", "scalar")]
@@ -137,8 +157,12 @@ def optimizers_of(optimizer: Any) -> tuple[torch.optim.Optimizer, ...]:
     return tuple(getattr(optimizer, "optimizers", (optimizer,)))
 
 
-def apply_schedule(optimizer: Any, cfg: TrainingConfig, factor: float) -> None:
-    """Set every group's learning rate to its peak times `factor`, and its weight decay, from `cfg`."""
+def apply_schedule(optimizer: Any, cfg: TrainingConfig, factor: float, momentum: float | None = None) -> None:
+    """Set every group's learning rate to its peak times `factor`, and its weight decay, from `cfg`;
+    Muon's momentum to `momentum` (its warmup's value at this step) when given."""
     for group in optimizer.param_groups:
-        peak, decay = group_settings(cfg, group.get("name", "decay" if group["weight_decay"] else "no_decay"))
+        name = group.get("name", "decay" if group["weight_decay"] else "no_decay")
+        peak, decay = group_settings(cfg, name)
         group["lr"], group["weight_decay"] = peak * factor, decay
+        if momentum is not None and name.startswith("muon"):
+            group["momentum"] = momentum

@@ -90,8 +90,10 @@ class Replicate:
     def wrap(self, model: GPT, *, compile: bool) -> nn.Module:
         """The module the training step calls: compiled first, then DDP-wrapped (nanoGPT's order).
         Evaluation and sampling keep using `model` itself: no second compilation for eval mode and
-        its shapes, no DDP hooks; checkpoints come from it, so they carry no `_orig_mod.`/`module.`."""
-        train_model: nn.Module = torch.compile(model) if compile else model
+        its shapes, no DDP hooks; checkpoints come from it, so they carry no `_orig_mod.`/`module.`.
+        Static shapes: training's only change of shape is a sequence-length warmup's few lengths, each
+        compiled once as its own graph (dynamo would otherwise compile the full length as a dynamic one)."""
+        train_model: nn.Module = torch.compile(model, dynamic=False) if compile else model
         if self.info.distributed and self.info.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -167,11 +169,18 @@ class Shard(Replicate):
 
     def save(self, run_dir: Path, snap: Snapshot) -> Path | None:
         """Every rank writes its shard; rank 0 the metadata, trainer state and the final rename."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
         from gpt2.checkpoint.sharded import save_sharded
+        from gpt2.fileio import WriteError, as_write_error
 
         final = Path(run_dir) / CHECKPOINTS / checkpoint_name(snap.step)
         json_files = {TRAIN_CONFIG: snap.train_config}
-        return save_sharded(final, snap.model, snap.optimizer, snap.trainer_state, json_files=json_files)
+        try:
+            return save_sharded(final, snap.model, snap.optimizer, snap.trainer_state, json_files=json_files)
+        except CheckpointException as e:  # a BaseException wrapping each failed rank's error
+            failures = [as_write_error(final, pair[0]) for pair in e.failures.values()]
+            raise next((f for f in failures if f is not None), WriteError(final, "a rank's write failed")) from None
 
     def load(self, ckpt: Path, model: GPT, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         if not is_sharded(ckpt):

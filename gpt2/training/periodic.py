@@ -24,8 +24,15 @@ def load_hellaswag_examples(cfg: TrainingConfig, log: Callable[[str], None]) -> 
         log("note: HellaSwag skipped (set hellaswag_path to a hellaswag_val.jsonl, or 'download')")
         return []
     from gpt2.evaluation import load_hellaswag
+    from gpt2.evaluation.task_data import DownloadError
 
-    examples = load_hellaswag(None if cfg.hellaswag_path == "download" else cfg.hellaswag_path)
+    try:
+        examples = load_hellaswag(None if cfg.hellaswag_path == "download" else cfg.hellaswag_path)
+    except DownloadError as e:  # its advice names eval's --data; a run's flag is hellaswag_path
+        raise DownloadError(
+            f"could not download HellaSwag ({e.reason}); pass a local hellaswag_val.jsonl with --hellaswag_path FILE, "
+            "or --hellaswag_interval 0 to train without it"
+        ) from None
     if cfg.hellaswag_limit is not None:
         examples = examples[: cfg.hellaswag_limit]
     log(f"HellaSwag: {len(examples):,} examples every {cfg.hellaswag_interval} steps")
@@ -33,10 +40,11 @@ def load_hellaswag_examples(cfg: TrainingConfig, log: Callable[[str], None]) -> 
 
 
 def sample_prompt(cfg: TrainingConfig, vocab_size: int, log: Callable[[str], None]) -> list[int]:
-    """The sample prompt's tokens, or [] (no samples) when it does not fit the model's vocabulary."""
-    from gpt2.tokenizer import Tokenizer
+    """The sample prompt's tokens (an empty prompt: the start of a document, <|endoftext|>), or [] (no
+    samples) when they do not fit the model's vocabulary."""
+    from gpt2.tokenizer import EOT_TOKEN, Tokenizer
 
-    prompt = Tokenizer().encode(cfg.sample_prompt)
+    prompt = Tokenizer().encode(cfg.sample_prompt or EOT_TOKEN)
     if cfg.sample_interval > 0 and (not prompt or max(prompt) >= vocab_size):
         log(f"note: the sample prompt does not fit the model's vocabulary ({vocab_size}); no samples")
         return []

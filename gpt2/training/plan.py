@@ -4,12 +4,12 @@ no trace."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gpt2.checkpoint import (
     CHECKPOINTS,
+    METRICS,
     checkpoint_model_config,
     checkpoint_step,
     failed_start,
@@ -19,9 +19,16 @@ from gpt2.checkpoint import (
     verified,
 )
 from gpt2.config import GPTConfig
+from gpt2.fileio import read_json_object
 from gpt2.training.config import BUILTIN_CORPUS, TrainingConfig
 
 DATA_DIR = "data"  # RUN_DIR/data: the shards of --data FILE
+# Settings that a checkpoint's optimizer state was built with, or that loading it restores over the config (torch's
+# load_state_dict keeps each saved group's options): a resume must keep them. Learning rates, weight decays, Muon's
+# momentum and the schedules are set from the config at every step, so those may change on a resume.
+RESUME_FIXED = ("beta1", "beta2", "eps", "weight_ema", "ema_start")
+RESUME_FIXED_MUON = ("embedding_beta1", "muon_nesterov", "muon_adjust_lr", "muon_split_qkv", "muon_split_heads")
+RESUME_FIXED_MUON += ("muon_normuon", "muon_normuon_beta2", "muon_cautious_wd", "muon_ns_coefficients")
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class RunPlan:
     resume_from: Path | None
     grad_accum_steps: int
     world_size: int
+    evaluated: bool = False  # metrics.jsonl already holds the evaluation of the resumed weights
 
     @property
     def start_step(self) -> int:
@@ -109,9 +117,41 @@ def plan_run(cfg: TrainingConfig, world_size: int = 1) -> RunPlan:
             verified(resume_from)  # every file against its sha256: never train on a damaged checkpoint
             check_same_model(resume_from, cfg.model_config())
             check_same_run(resume_from, cfg)
-    plan = RunPlan(replace(cfg, out_dir=str(run_dir)), run_dir, resume_from, accum, world_size)
+    start = checkpoint_step(resume_from) if resume_from is not None else 0
+    if cfg.max_steps < start:
+        raise ValueError(
+            f"{resume_from} is at step {start}, past max_steps {cfg.max_steps}; pass --max_steps {start} or more"
+        )
+    evaluated = resume_from is not None and evaluated_at(run_dir, start)
+    plan = RunPlan(replace(cfg, out_dir=str(run_dir)), run_dir, resume_from, accum, world_size, evaluated)
     check_data(plan)
+    check_sample_prompt(plan.config)
     return plan
+
+
+def evaluated_at(run_dir: Path, step: int) -> bool:
+    """Whether the run's metrics.jsonl holds an evaluation of the weights after `step` updates (a
+    finished run's last one, say): continuing from that step does not repeat it. Read while planning,
+    before any rank can change the file."""
+    from gpt2.checkpoint.layout import read_metrics
+
+    path = run_dir / METRICS
+    return path.is_file() and any(r.get("type") == "eval" and r.get("step") == step for r in read_metrics(path))
+
+
+def check_sample_prompt(cfg: TrainingConfig) -> None:
+    """A sample prompt longer than the model's context fails at the first sampling, after the run has
+    started: refuse it now."""
+    if cfg.sample_interval <= 0:
+        return
+    from gpt2.tokenizer import Tokenizer
+
+    n, context = len(Tokenizer().encode(cfg.sample_prompt)), cfg.model_config().block_size
+    if n > context:
+        raise ValueError(
+            f"sample_prompt has {n} tokens but the model's context is {context}; shorten it "
+            "(or --sample_interval 0 for no samples)"
+        )
 
 
 def check_same_model(ckpt: Path, model_config: GPTConfig) -> None:
@@ -135,6 +175,7 @@ def check_same_run(ckpt: Path, cfg: TrainingConfig) -> None:
             f"cannot resume {ckpt} with --optimizer {cfg.optimizer}: it was trained with {optimizer}, whose state "
             f"it holds; resume with --optimizer {optimizer}, or start a new run"
         )
+    check_same_optimizer_settings(ckpt, cfg, saved_config)
     saved = saved_config.get("data")
     if cfg.data != saved:
         was = f"--data {saved} (tokenized into its {DATA_DIR}/)" if saved else f"the shards in {cfg.data_root}"
@@ -144,13 +185,41 @@ def check_same_run(ckpt: Path, cfg: TrainingConfig) -> None:
         )
 
 
+def check_same_optimizer_settings(ckpt: Path, cfg: TrainingConfig, saved_config: dict) -> None:
+    """ValueError naming every RESUME_FIXED setting that differs from the checkpoint's (settings a checkpoint
+    predates count as their defaults)."""
+    names = RESUME_FIXED + (RESUME_FIXED_MUON if cfg.optimizer == "muon" else ())
+    defaults = TrainingConfig.__dataclass_fields__
+    differ = []
+    for name in names:
+        saved, now = saved_config.get(name, defaults[name].default), getattr(cfg, name)
+        if saved != now:
+            differ.append((name, saved, now))
+    if differ:
+        said = "; ".join(f"{name} = {_cli(saved)} (checkpoint) != {_cli(now)} (now)" for name, saved, now in differ)
+        fix = " ".join(f"--{name} {_cli(saved)}" for name, saved, _ in differ)
+        raise ValueError(
+            f"cannot resume {ckpt}: its optimizer state was built with other settings ({said}); "
+            f"resume with {fix}, or start a new run"
+        )
+
+
+def _cli(value: object) -> str:
+    """A setting as the command line takes it."""
+    if value is None:
+        return "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def check_data(plan: RunPlan) -> None:
     """The run's data exists and fits the model: a --data file to tokenize, or shards in data_root
     (checked again once --data is tokenized)."""
     from gpt2.data import MANIFEST
 
     cfg = plan.config
-    if cfg.data is not None and not (plan.data_root / MANIFEST).is_file():
+    # A new run tokenizes its file (whatever an earlier failed start left in RUN_DIR/data); a resumed
+    # one reads the shards it was trained on.
+    if cfg.data is not None and (plan.resume_from is None or not (plan.data_root / MANIFEST).is_file()):
         if cfg.data != BUILTIN_CORPUS and not Path(cfg.data).expanduser().is_file():
             raise FileNotFoundError(f"--data {cfg.data}: no such file; pass a .txt/.jsonl file or {BUILTIN_CORPUS}")
         return
@@ -175,7 +244,7 @@ def check_shards(root: Path, model_config: GPTConfig) -> None:
             )
     manifest = root / MANIFEST
     if manifest.is_file():
-        tok = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer", {})
+        tok = read_json_object(manifest, f"re-create the shards with gpt2 prepare --out {root}").get("tokenizer", {})
         if tok.get("vocab_size", model_config.vocab_size) > model_config.vocab_size:
             raise ValueError(
                 f"{root} was tokenized with vocab_size {tok['vocab_size']} but the model has "

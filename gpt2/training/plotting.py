@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gpt2.checkpoint.layout import METRICS, read_metrics
+from gpt2.fileio import atomic_write
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
@@ -59,8 +60,11 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         ax.legend()
     fig.tight_layout()
     out = Path(out) if out is not None else run_dir / "loss.png"
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    kind = out.suffix.removeprefix(".").lower() or "png"
+    try:  # published whole or not at all (a full disk: one line naming the file)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format=kind, dpi=120))
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -9,6 +9,15 @@ Muon's), after a linear warmup from 1/warmup_steps to 1 over warmup_steps:
             Compute-Optimal Training Beyond Fixed Training Durations"). The stable phase does not
             depend on the run's length, so a longer run continues a shorter one's curve.
 
+Muon momentum: with muon_momentum_warmup_steps > 0 it rises linearly from muon_momentum_start to
+muon_momentum over that many steps (modded-nanogpt's 0.85 -> 0.95: less memory of the random early
+gradients).
+
+Sequence length: with seq_len_warmup_steps > 0 the first steps train on shorter sequences,
+seq_len_warmup_start doubling in equal stages up to seq_len (Li et al. 2022, "The Stability-Efficiency
+Dilemma"). The tokens per step stay the same: a (B, T) micro-batch is read as (B T / t, t), so the data
+order, the token counts and a resume do not change; positions beyond t are learned once t grows.
+
 Batch size: with batch_warmup_steps > 0 the tokens per step grow linearly from
 batch_warmup_tokens to total_batch_size over that many steps, in whole micro-steps (micro_batch_size
 x seq_len x processes), and each step's learning rate is scaled by sqrt(tokens / total_batch_size),
@@ -19,6 +28,9 @@ Adaptive Gradient Algorithms").
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
+from torch import Tensor
 
 from gpt2.training.config import TrainingConfig
 
@@ -83,3 +95,36 @@ def tokens_through(step: int, cfg: TrainingConfig, per_micro: int | None = None)
     warm = min(step + 1, cfg.batch_warmup_steps)
     ramp = sum(micro_steps(s, cfg, per_micro) for s in range(warm)) * per_micro
     return ramp + (step + 1 - warm) * cfg.total_batch_size
+
+
+def muon_momentum_at(step: int, cfg: TrainingConfig) -> float:
+    """Muon's momentum at optimizer step `step`: the warmup's linear ramp, then muon_momentum."""
+    if step >= cfg.muon_momentum_warmup_steps:
+        return cfg.muon_momentum
+    progress = step / cfg.muon_momentum_warmup_steps
+    return cfg.muon_momentum_start + (cfg.muon_momentum - cfg.muon_momentum_start) * progress
+
+
+def seq_len_at(step: int, cfg: TrainingConfig) -> int:
+    """Tokens per training sequence at optimizer step `step`: seq_len_warmup_start x 2**stage during the
+    warmup (equal stages), seq_len after."""
+    if step >= cfg.seq_len_warmup_steps:
+        return cfg.seq_len
+    stages = (cfg.seq_len // cfg.seq_len_warmup_start).bit_length() - 1  # doublings from start to seq_len
+    return cfg.seq_len_warmup_start * 2 ** (step * stages // cfg.seq_len_warmup_steps)
+
+
+def batches_at(
+    step: int, cfg: TrainingConfig, next_batch: Callable[[], tuple[Tensor, Tensor]]
+) -> Callable[[], tuple[Tensor, Tensor]]:
+    """The micro-batches of optimizer step `step`: the loader's (B, T), or during a sequence-length warmup
+    the same tokens as (B T / t, t) rows of the step's shorter length t."""
+    length = seq_len_at(step, cfg)
+    if length == cfg.seq_len:
+        return next_batch
+
+    def shorter() -> tuple[Tensor, Tensor]:
+        x, y = next_batch()
+        return x.reshape(-1, length), y.reshape(-1, length)  # (B T / t, t)
+
+    return shorter

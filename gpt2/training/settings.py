@@ -79,8 +79,10 @@ def _to_int(value: Any, where: str) -> int:
         number = int(value)
     elif isinstance(value, str):
         number = _parse_int(value.strip().replace("_", ""))
-    if number is None or abs(number) > _MAX_INT:
+    if number is None:
         raise ValueError(f"{where} must be a whole number, got {value!r}")
+    if abs(number) > _MAX_INT:
+        raise ValueError(f"{where} must be a whole number between -{_MAX_INT} and {_MAX_INT}, got {value!r}")
     return int(number)
 
 

@@ -6,7 +6,7 @@ exit code."""
 from __future__ import annotations
 
 import contextlib
-import json
+import shlex
 import signal
 import sys
 import threading
@@ -204,4 +204,12 @@ def _report(log: RunLogger, result: Any, run_dir: Any, cfg: TrainingConfig) -> N
     losses = [f"final loss {result.last_loss:.4f}"] if result.last_loss is not None else []
     losses += [f"val loss {result.val_loss:.4f}"] if result.val_loss is not None else []
     log.info(f"done: {result.step} steps, {', '.join(losses + [f'checkpoint {ckpt}'])}")
-    log.info(f"generate from it: gpt2 generate --model {run_dir} --prompt {json.dumps(cfg.sample_prompt)} --top-k 50")
+    prompt = f" --prompt {_shell_quoted(cfg.sample_prompt)}" if cfg.sample_prompt else ""  # generate refuses ""
+    log.info(f"generate from it: gpt2 generate --model {_shell_quoted(str(run_dir))}{prompt} --top-k 50")
+
+
+def _shell_quoted(text: str) -> str:
+    """`text` as one shell word: in double quotes where the shell leaves it as it is, else shlex's quoting."""
+    if set(text) & set('$`\\"!\n'):
+        return shlex.quote(text)
+    return f'"{text}"' if set(text) & set(" '#&;|<>()*?[]{}~") else text

@@ -4,6 +4,7 @@ collects them into the one dict that every checkpoint stores as trainer_state.pt
 
     {"format": 1, "step", "tokens_seen", "world_size", "parallelism",
      "loader": DataLoaderLite state, "scaler": GradScaler state or None, "rng": [every rank's RNG state],
+     "average": the tail weight average (WeightAverage state) or None,
      "optimizer": AdamW state (only where the parallelism strategy stores it here, not in DCP shards)}
 
 Everything in it is a tensor, number, string, list or dict, so it loads with weights_only=True.
@@ -58,8 +59,9 @@ class TrainerState:
         info: DistInfo,
         parallelism: str,
         tokens_seen: Callable[[int], int],
+        average: Any = None,
     ) -> None:
-        self.loader, self.scaler, self.rng = loader, scaler, rng
+        self.loader, self.scaler, self.rng, self.average = loader, scaler, rng, average
         self.info, self.parallelism, self.tokens_seen = info, parallelism, tokens_seen
 
     def state_dict(self, step: int) -> dict[str, Any]:
@@ -73,6 +75,7 @@ class TrainerState:
             "loader": self.loader.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": self.rng.state_dict(),
+            "average": self.average.state_dict() if self.average is not None else None,
             "cpu_threads": torch.get_num_threads(),
         }
 
@@ -82,6 +85,8 @@ class TrainerState:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
+        if self.average is not None and state.get("average"):
+            self.average.load_state_dict(state["average"])
         notes = [self.rng.load_state_dict(state.get("rng", []), step), self._threads_note(state.get("cpu_threads"))]
         return step, "; ".join(n for n in notes if n) or None
 
