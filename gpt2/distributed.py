@@ -196,6 +196,15 @@ def all_gather_objects(obj: object) -> list[object]:
     return out
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s `obj` on every rank (itself on one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for all ranks (no-op on one process)."""
     if is_distributed():
