@@ -53,6 +53,7 @@ from gpt2.distributed import get_rank, get_world_size, is_distributed, on_main_r
 from gpt2.fileio import atomic_write, atomic_write_json, publish_dir
 from gpt2.hf import config_to_hf
 from gpt2.model import GPT, unwrap_model
+from gpt2.tokenizer import fits_vocab, write_hf_tokenizer_files
 
 __all__ = [
     "checkpoint_config",
@@ -174,6 +175,8 @@ def save_sharded(
 
     def finish() -> None:
         atomic_write_json(tmp / MODEL_CONFIG, config_to_hf(config))
+        if fits_vocab(config.vocab_size):  # AutoTokenizer reads the checkpoint directory as it is
+            write_hf_tokenizer_files(tmp, config.block_size)
         atomic_write(tmp / STATE_FILE, lambda path: torch.save(dict(extra_state), path))
         for name, value in (json_files or {}).items():
             atomic_write_json(tmp / name, value)

@@ -21,6 +21,7 @@ once per step; the HTTP layer hands that list over to its event loop.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import threading
@@ -138,6 +139,8 @@ class Engine:
         self.tokens = 0  # tokens delivered
         self.busy_s = 0.0  # seconds the engine thread spent in step boundaries (waits included)
         self.wait_s = 0.0  # of which waiting for the device: busy - wait is the host's own work
+        self.step_counts = [0] * (len(STEP_BUCKETS_S) + 1)  # step boundaries per duration bucket (metrics)
+        self._beat: float | None = None  # when the running step boundary began; None while idle (health)
 
     # --- called from other threads -------------------------------------------------------------
 
@@ -163,12 +166,26 @@ class Engine:
             self._lock.notify()
 
     def stats(self) -> dict[str, float]:
-        """Counts for /health; on CUDA also the peak memory allocated (GiB)."""
+        """Counts for /health and /metrics; on CUDA also the peak memory allocated (GiB)."""
         out = {"running": len(self._live), "waiting": len(self._waiting), "steps": self.steps, "tokens": self.tokens}
         out["engine_busy_s"], out["engine_wait_s"] = round(self.busy_s, 4), round(self.wait_s, 4)
+        out["slots"], out["step_counts"] = self.decoder.max_batch, list(self.step_counts)
+        beat = self._beat
+        out["stalled_s"] = 0.0 if beat is None else round(time.perf_counter() - beat, 3)
+        out["alive"] = self._stop or self._thread is None or self._thread.is_alive()
         if self.device.type == "cuda":
             out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return out
+
+    def health(self, stall_timeout: float) -> str | None:
+        """None while the engine thread runs and no step boundary has taken stall_timeout seconds;
+        else why not (/health's 503 reason)."""
+        stats = self.stats()
+        if not stats["alive"]:
+            return "the engine thread has stopped"
+        if stats["stalled_s"] > stall_timeout:
+            return f"the engine is wedged: one step boundary has run for {stats['stalled_s']:.0f} s"
+        return None
 
     @property
     def idle(self) -> bool:
@@ -197,15 +214,18 @@ class Engine:
         while True:
             with self._lock:
                 while not (self._stop or not self.idle):
+                    self._beat = None  # waiting for work is not being stuck
                     self._lock.wait()
                 if self._stop:
                     return
-            t0 = time.perf_counter()
+            t0 = self._beat = time.perf_counter()
             try:
                 self.iterate()
             except Exception as e:  # a failed pass: fail what is running, keep serving
                 self._fail_all(f"{type(e).__name__}: {e}")
-            self.busy_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.busy_s += dt
+            self.step_counts[bisect.bisect_left(STEP_BUCKETS_S, dt)] += 1
 
     def iterate(self) -> None:
         """One step boundary: cancels, admissions (prefill), one decode step, deliveries."""
@@ -379,3 +399,5 @@ class Engine:
 
 
 _RING = 8  # host buffers / events for passes in flight (at most 3 at once)
+# Upper bounds (seconds) of the step-boundary duration histogram that /metrics shows.
+STEP_BUCKETS_S = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
