@@ -221,7 +221,7 @@ def _middleware(service: Service) -> list[Middleware]:
                 max_age=600,
             )
         )
-    stack.append(Middleware(guard.StatusCounter, counter=service.metrics.http, routes=ROUTES))
+    stack.append(Middleware(guard.StatusCounter, count=service.metrics.answered, routes=ROUTES))
     stack.append(Middleware(guard.BodyLimit, max_bytes=http.max_body_bytes))
     if http.api_keys:
         stack.append(Middleware(guard.APIKeyAuth, keys=http.api_keys))

@@ -106,10 +106,10 @@ class APIKeyAuth:
 
 
 class StatusCounter:
-    """Counts answers by (route, status) into a prometheus_client Counter with those labels."""
+    """Counts answers by (route, status) through count(route, status); unknown paths are "other"."""
 
-    def __init__(self, app, counter, routes: tuple[str, ...]) -> None:
-        self.app, self.counter, self.routes = app, counter, frozenset(routes)
+    def __init__(self, app, count, routes: tuple[str, ...]) -> None:
+        self.app, self.count, self.routes = app, count, frozenset(routes)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get(WARM_UP):
@@ -127,7 +127,7 @@ class StatusCounter:
         try:
             await self.app(scope, receive, watched_send)
         finally:
-            self.counter.labels(route, str(status)).inc()
+            self.count(route, status)
 
 
 def _header(scope, name: bytes) -> str | None:

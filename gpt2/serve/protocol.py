@@ -179,6 +179,8 @@ def _prompts(prompt: Any, tokenizer, vocab_size: int, block_size: int) -> list[l
         if isinstance(p, str):
             check_text_length(p, block_size, "prompt")
             ids = tokenizer.encode(p)
+            if len(ids) > block_size:  # before tokenizing the other prompts
+                raise _too_long(len(ids), block_size)
         elif isinstance(p, list) and all(_is_int(t) for t in p):
             if len(p) > block_size:  # before looking at every id of a huge list
                 raise _too_long(len(p), block_size)
