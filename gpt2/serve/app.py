@@ -305,7 +305,12 @@ def _decode_and_parse(raw: bytes, parse):
 def _parse_completion(service: Service, body) -> CompletionParams:
     s = service
     return parse_completion(
-        body, model_id=s.model_id, tokenizer=s.tok, block_size=s.block_size, vocab_size=s.vocab_size
+        body,
+        model_id=s.model_id,
+        tokenizer=s.tok,
+        block_size=s.block_size,
+        vocab_size=s.vocab_size,
+        max_sequences=s.engine.max_queue,
     )
 
 

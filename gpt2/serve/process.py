@@ -143,6 +143,11 @@ class EngineProcess:
             except OSError:
                 pass  # the child is gone: the reader fails what was running
 
+    @property
+    def max_queue(self) -> int:
+        """Sequences one request may have (as Engine.max_queue)."""
+        return self.config.max_queue
+
     def stats(self) -> dict[str, float]:
         return dict(self._stats)
 

@@ -89,10 +89,15 @@ def short(x: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def parse_completion(body: Any, *, model_id: str, tokenizer, block_size: int, vocab_size: int) -> CompletionParams:
-    """Check a decoded JSON body; raise APIError (400, or 404 for another model's name)."""
+def parse_completion(
+    body: Any, *, model_id: str, tokenizer, block_size: int, vocab_size: int, max_sequences: int | None = None
+) -> CompletionParams:
+    """Check a decoded JSON body; raise APIError (400, or 404 for another model's name). A request
+    of more than max_sequences (prompts x n) is refused before any prompt is tokenized."""
     model = check_model(check_object(body), model_id)
     refuse_unsupported(body)
+    if max_sequences is not None:
+        _check_sequences(body, max_sequences)
     if body.get("suffix") not in (None, ""):
         raise invalid("'suffix' (insertion) is not supported by this server", "suffix", "unsupported")
     prompts = _prompts(body.get("prompt"), tokenizer, vocab_size, block_size)
@@ -104,6 +109,18 @@ def parse_completion(body: Any, *, model_id: str, tokenizer, block_size: int, vo
         raise invalid(f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {p.logprobs}", "logprobs")
     p.max_tokens = max_tokens(body, prompts, block_size, "max_tokens", DEFAULT_MAX_TOKENS)
     return p
+
+
+def _check_sequences(body: dict, max_sequences: int) -> None:
+    prompt, n = body.get("prompt"), body.get("n", 1)
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not _is_int(prompt[0]) else 1
+    n = n if _is_int(n) and n > 0 else 1  # a bad n is named by its own check
+    if prompts * n > max_sequences:
+        raise invalid(
+            f"{prompts} prompts x n={n} is {prompts * n} sequences; this server queues at most {max_sequences} "
+            "(--max-queue): send fewer prompts per request",
+            "prompt",
+        )
 
 
 def check_object(body: Any) -> dict:
