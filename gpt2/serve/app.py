@@ -9,8 +9,8 @@ a loop that is behind drains several steps at once, and each handler then writes
 in one go. Streaming answers are server-sent events, one `data:` event per token (several events
 share one write when the client is behind), ending with `data: [DONE]`.
 
-Nothing slow runs on the event loop: a body larger than INLINE_BYTES is decoded, checked and
-tokenized in a worker thread (tiktoken releases the GIL), so a 4 MB prompt never stalls the other
+Nothing slow runs on the event loop: a body larger than handling.INLINE_BYTES is decoded, checked
+and tokenized in a worker thread (tiktoken releases the GIL), so a 4 MB prompt never stalls the other
 streams; the edge (body limit, API key, CORS) is gpt2.serve.guard's.
 """
 
@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
-import secrets
 import sys
 import threading
 import time
@@ -34,20 +32,17 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from gpt2.serve import guard, tokenization
-from gpt2.serve.chat import ChatCompletion, ChatTemplate, parse_chat
-from gpt2.serve.engine import QueueFull
-from gpt2.serve.engine import Request as Sequence
+from gpt2.serve import guard, handling, tokenization
+from gpt2.serve.chat import ChatCompletion, ChatTemplate
 from gpt2.serve.metrics import CONTENT_TYPE, ServingMetrics
-from gpt2.serve.protocol import APIError, CompletionParams, invalid, parse_completion
-from gpt2.serve.stream import Completion, Mailbox
+from gpt2.serve.protocol import APIError
+from gpt2.serve.stream import Completion
 from gpt2.serve.text import token_table
 from gpt2.tokenizer import Tokenizer
 
-INLINE_BYTES = 8192  # bodies up to this are parsed on the loop (~1 ms of tokenizing at most); larger in a thread
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 ROUTES += ("/tokenize", "/detokenize", "/tokenizer_info")
 
@@ -166,30 +161,32 @@ def create_app(service: Service) -> Starlette:
         return Response(service.metrics.render(), headers={"content-type": CONTENT_TYPE})
 
     async def models(request: Request) -> Response:
-        return _answer(lambda: {"object": "list", "data": [_model_card(service)]})
+        return handling.answer(lambda: {"object": "list", "data": [_model_card(service)]})
 
     async def model(request: Request) -> Response:
         name = request.path_params["name"]
         if name != service.model_id:
             message = f"the model '{name}' does not exist; this server has '{service.model_id}'"
-            return _error_response(APIError(404, message, param="model", code="model_not_found"))
-        return _answer(lambda: _model_card(service))
+            return handling.error_response(APIError(404, message, param="model", code="model_not_found"))
+        return handling.answer(lambda: _model_card(service))
 
     async def completions(request: Request) -> Response:
-        return await _generate(service, request, _parse_completion, Completion, "cmpl-")
+        return await handling.generate(service, request, handling.completion_params, Completion, "cmpl-")
 
     async def chat(request: Request) -> Response:
         kind = functools.partial(ChatCompletion, strip_leading=service.http.chat_template.strip_leading)
-        return await _generate(service, request, _parse_chat, kind, "chatcmpl-")
+        return await handling.generate(service, request, handling.chat_params, kind, "chatcmpl-")
 
     async def tokenize(request: Request) -> Response:
-        return await _tokenizer_route(service, request, _tokenize)
+        return await handling.tokenizer_route(service, request, handling.tokenize_body)
 
     async def detokenize(request: Request) -> Response:
-        return await _tokenizer_route(service, request, _detokenize)
+        return await handling.tokenizer_route(service, request, handling.detokenize_body)
 
     async def tokenizer_info(request: Request) -> Response:
-        return _answer(lambda: tokenization.tokenizer_info(service.http.chat_template, _ready(service).block_size))
+        return handling.answer(
+            lambda: tokenization.tokenizer_info(service.http.chat_template, handling.ready(service).block_size)
+        )
 
     routes = [
         Route("/", index),
@@ -245,28 +242,9 @@ def _load(service: Service) -> None:
             service.on_start_failed()
 
 
-def _ready(service: Service) -> Service:
-    if not service.ready:
-        raise APIError(503, service.health() or "the engine is not running", code="engine_unavailable")
-    return service
-
-
 def _model_card(service: Service) -> dict:
     card = {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "gpt2"}
-    return {**card, "max_model_len": _ready(service).block_size}
-
-
-def _answer(make) -> Response:
-    try:
-        return JSONResponse(make())
-    except APIError as e:
-        return _error_response(e)
-
-
-def _error_response(e: APIError) -> Response:
-    """An APIError's JSON answer; 429 and 503 say when to retry."""
-    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    return {**card, "max_model_len": handling.ready(service).block_size}
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -280,152 +258,6 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error.body(), status_code=500)
 
 
-# --- parsing, off the event loop when it is large -----------------------------------------------
-
-
-async def _parsed(service: Service, request: Request, parse):
-    """parse(decoded JSON body), in a worker thread when the body is large."""
-    raw = await request.body()
-    work = functools.partial(_decode_and_parse, raw, parse)
-    if len(raw) <= INLINE_BYTES:
-        return work()
-    return await service.loop.run_in_executor(service.workers, work)
-
-
-def _decode_and_parse(raw: bytes, parse):
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise invalid(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-    except RecursionError:
-        raise invalid("the request body is nested too deeply to be a request", None, "invalid_json") from None
-    return parse(body)
-
-
-def _parse_completion(service: Service, body) -> CompletionParams:
-    s = service
-    return parse_completion(
-        body,
-        model_id=s.model_id,
-        tokenizer=s.tok,
-        block_size=s.block_size,
-        vocab_size=s.vocab_size,
-        max_sequences=s.engine.max_queue,
-    )
-
-
-def _parse_chat(service: Service, body) -> CompletionParams:
-    s = service
-    return parse_chat(
-        body,
-        model_id=s.model_id,
-        template=s.http.chat_template,
-        tokenizer=s.tok,
-        block_size=s.block_size,
-        vocab_size=s.vocab_size,
-    )
-
-
-def _tokenize(service: Service, body) -> dict:
-    s = service
-    return tokenization.tokenize(
-        body, model_id=s.model_id, template=s.http.chat_template, tokenizer=s.tok, block_size=s.block_size
-    )
-
-
-def _detokenize(service: Service, body) -> dict:
-    return tokenization.detokenize(
-        body, model_id=service.model_id, tokenizer=service.tok, vocab_size=service.vocab_size
-    )
-
-
-async def _tokenizer_route(service: Service, request: Request, work) -> Response:
-    try:
-        _ready(service)
-        return JSONResponse(await _parsed(service, request, functools.partial(work, service)))
-    except APIError as e:
-        return _error_response(e)
-
-
-# --- generation ----------------------------------------------------------------------------------
-
-
-async def _generate(service: Service, request: Request, parse, kind, prefix: str) -> Response:
-    """Check, queue and answer one completion (kind: Completion or ChatCompletion)."""
-    arrival = time.perf_counter()
-    try:
-        _ready(service)
-        params = await _parsed(service, request, functools.partial(parse, service))
-        inbox = Mailbox()
-        seqs = _sequences(params, inbox)
-        ids = _submit(service, seqs)
-    except APIError as e:
-        return _error_response(e)
-    completion = kind(service, params, seqs, ids, inbox, f"{prefix}{secrets.token_hex(12)}", arrival)
-    if params.stream:
-        return _EventStream(completion.events(), completion.close, media_type="text/event-stream")
-    return await _collect(completion, request)
-
-
-def _submit(service: Service, seqs: list[Sequence]) -> list[int]:
-    try:
-        return service.engine.submit(seqs)
-    except QueueFull as e:
-        raise APIError(429, str(e), code="queue_full") from None
-    except ValueError as e:
-        raise APIError(400, str(e), param="n") from None
-    except RuntimeError as e:  # the engine process is gone
-        raise APIError(503, str(e), code="engine_unavailable") from None
-
-
-async def _collect(completion: Completion, request: Request) -> Response:
-    """The JSON answer; if the client goes away first, its sequences are cancelled like a stream's."""
-    collect = asyncio.ensure_future(completion.collect())
-    gone = asyncio.ensure_future(_disconnect(request))
-    try:
-        await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
-        if not collect.done():
-            collect.cancel()
-            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
-        body = collect.result()
-    finally:
-        gone.cancel()
-        completion.close()
-    if body.get("error"):
-        return _error_response(APIError(500, body["error"], code="internal_error"))
-    return JSONResponse(body)
-
-
-async def _disconnect(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read: receive() waits for that)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _sequences(p: CompletionParams, inbox: Mailbox) -> list[Sequence]:
-    """One engine sequence per (prompt, choice); choice i of a seeded request gets its own seed."""
-    seqs = []
-    for i, prompt in enumerate(p.prompts):
-        for j in range(p.n):
-            index = i * p.n + j
-            seed = secrets.randbits(63) if p.seed is None else (p.seed + index * 0x9E3779B97F4A7C15) % 2**63
-            seqs.append(
-                Sequence(
-                    prompt=prompt,
-                    max_tokens=p.max_tokens,
-                    temperature=p.temperature,
-                    top_k=p.top_k,
-                    top_p=p.top_p,
-                    seed=seed,
-                    logprobs=p.logprobs,
-                    prompt_logprobs=p.logprobs if p.echo else None,
-                    stop_at_eos=not p.ignore_eos,
-                    handle=inbox,
-                )
-            )
-    return seqs
-
-
 async def _warm_up_http(app) -> None:
     """Before the first client, in process and without the engine: a bad completion request through
     the whole app (Starlette builds its middleware stack on the first request) and an event
@@ -436,7 +268,7 @@ async def _warm_up_http(app) -> None:
     async def one_event():
         yield "data: [DONE]\n\n"
 
-    await _asgi_call(_EventStream(one_event(), lambda: None, media_type="text/event-stream"), "GET", "/", b"")
+    await _asgi_call(handling.EventStream(one_event(), lambda: None, media_type="text/event-stream"), "GET", "/", b"")
 
 
 async def _asgi_call(app, method: str, path: str, body: bytes) -> None:
@@ -470,18 +302,3 @@ async def _asgi_call(app, method: str, path: str, body: bytes) -> None:
             done.set()
 
     await app(scope, receive, send)
-
-
-class _EventStream(StreamingResponse):
-    """A StreamingResponse that always runs `on_close` (client gone, error or done)."""
-
-    def __init__(self, content, on_close, **kwargs) -> None:
-        super().__init__(content, **kwargs)
-        self.on_close = on_close
-        self.headers["cache-control"] = "no-cache"
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
