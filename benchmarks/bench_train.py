@@ -3,13 +3,17 @@
 One step is `gpt2 train`'s own optimizer step, by the same functions (gpt2.training.step):
 zero_grad, forward_backward under bf16 autocast (one micro-step), clip_gradients at 1.0,
 apply_gradients with the optimizer of gpt2.training.build_optimizer (fused AdamW, weight decay 0.1
-on 2-D parameters only). Only the StepKernels choices and the compile mode vary between variants,
-so the benchmark cannot drift from training. Random tokens, rotated among a few batches.
+on 2-D parameters only; `--optimizer muon` for the Muon recipe's). Only the StepKernels choices,
+the training kernels (gpt2.kernels.training.fuse_mlps, as `train_kernels = "fused"`) and the
+compile mode vary between variants, so the benchmark cannot drift from training. Random tokens,
+rotated among a few batches.
 
 Variants (all in one process, so every speed-up is a ratio on the same card):
-  fast          torch.compile(model), chunked loss (no logits), cuDNN attention first  <- default
+  fast          torch.compile(model), chunked loss (no logits), cuDNN attention first: train_kernels torch
+  fused         as fast, with gpt2.kernels' fused training kernels: train_kernels fused  <- default on CUDA
   fast-tuned    as fast, with inductor's coordinate-descent tuning of its Triton kernels
-  fast-torchce  as fast, the loss's softmax compiled by inductor instead of gpt2.ops' Triton kernel
+  fast-autotune as fast, compiled with mode "max-autotune-no-cudagraphs" (Triton GEMM templates, fused epilogues)
+  fused-autotune as fused, compiled the same way
   fast-flash    as fast, flash attention first
   fast-blocks   as fast, but each Block compiled on its own (compiles in seconds: for gpt2-xl)
   compile-logits torch.compile(model), logits + F.cross_entropy (build-nanogpt's step)
@@ -33,7 +37,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gpt2.ops  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     PEAK_BF16_FLOPS,
     RESULTS,
@@ -47,6 +50,7 @@ from benchmarks.common import (  # noqa: E402
     table,
 )
 from gpt2 import GPT, GPTConfig  # noqa: E402
+from gpt2.kernels.training import fuse_mlps  # noqa: E402
 from gpt2.metrics import flops_per_token, mfu, peak_flops  # noqa: E402
 from gpt2.training import TrainingConfig, build_optimizer  # noqa: E402
 from gpt2.training.step import StepKernels, apply_gradients, clip_gradients, forward_backward  # noqa: E402
@@ -57,14 +61,18 @@ class Variant:
     compile: str  # "none", "model" (torch.compile of the whole model) or "blocks" (each Block)
     chunked_loss: bool  # model(x, y, return_logits=False): the loss without (B, T, V) logits
     attention: str  # gpt2.ops.attention_backends kind
-    triton_ce: bool = True  # gpt2.ops.USE_TRITON_KERNELS: the chunked loss's softmax as one Triton kernel
+    fused: bool = False  # gpt2.kernels.training.fuse_mlps: the MLP's GELU in its matmuls' epilogues
     tuning: bool = False  # torch._inductor.config.coordinate_descent_tuning (longer compile)
+    mode: str | None = None  # torch.compile mode
 
 
 VARIANTS = {
     "fast": Variant("model", True, "cudnn"),
+    "fused": Variant("model", True, "cudnn", fused=True),
     "fast-tuned": Variant("model", True, "cudnn", tuning=True),
-    "fast-torchce": Variant("model", True, "cudnn", triton_ce=False),
+    "fast-autotune": Variant("model", True, "cudnn", mode="max-autotune-no-cudagraphs"),
+    "fused-autotune": Variant("model", True, "cudnn", fused=True, mode="max-autotune-no-cudagraphs"),
+    "fused-blocks": Variant("blocks", True, "cudnn", fused=True),
     "fast-flash": Variant("model", True, "flash"),
     "fast-blocks": Variant("blocks", True, "cudnn"),
     "compile-logits": Variant("model", False, "flash"),
@@ -87,18 +95,19 @@ def run_variant(name: str, args: argparse.Namespace, batch_size: int, device: to
     v = VARIANTS[name]
     free_memory(device)
     torch._dynamo.reset()
-    gpt2.ops.USE_TRITON_KERNELS = v.triton_ce
     torch._inductor.config.coordinate_descent_tuning = v.tuning
     torch.manual_seed(0)
     config = GPTConfig.from_name(args.model)
     with torch.device(device):
         model = GPT(config)
-    opt = build_optimizer(model, TrainingConfig(), device)  # what `gpt2 train` builds: fused AdamW on CUDA
+    if v.fused:
+        fuse_mlps(model)
+    opt = build_optimizer(model, TrainingConfig(optimizer=args.optimizer), device)  # what `gpt2 train` builds
     if v.compile == "model":
-        step_model = torch.compile(model)
+        step_model = torch.compile(model, mode=v.mode)
     elif v.compile == "blocks":
         for block in model.transformer.h:
-            block.compile()
+            block.compile(mode=v.mode)
         step_model = model
     else:
         step_model = model
@@ -150,7 +159,7 @@ def run_variant(name: str, args: argparse.Namespace, batch_size: int, device: to
         last_loss=loss.item(),
         compile_s=compile_s,
     )
-    if args.profile_dir and name == args.profile_variant:
+    if args.profile_dir and name in args.profile_variant.split(","):
         profile(step, device, Path(args.profile_dir) / f"profile_train_{args.model}_{name}.txt")
     return row
 
@@ -188,7 +197,8 @@ def profile(step, device: torch.device, path: Path) -> None:
 
 
 KINDS = [
-    ("loss softmax (gpt2.ops Triton kernel)", ("cross_entropy_rows",)),
+    ("loss softmax (gpt2.kernels.loss)", ("cross_entropy_rows",)),
+    ("MLP matmul + GELU (gpt2.kernels.mlp)", ("_mm_gelu_kernel",)),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "cublas")),
     ("optimizer", ("adam", "foreach", "multi_tensor", "norm_kernel")),
@@ -203,13 +213,14 @@ def main() -> int:
     p.add_argument("--model", default="gpt2", help="GPTConfig preset")
     p.add_argument("--batch-size", default="64", help="micro-batch; a list (32,24,16) takes the first that fits")
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--variants", default="fast,eager", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="fast,fused,eager", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="as gpt2 train's (defaults)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (the first compiles)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast dtype (fp32 = off)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile-dir", default=None, help="write a kernel profile of --profile-variant here")
-    p.add_argument("--profile-variant", default="fast")
+    p.add_argument("--profile-variant", default="fast,fused", help="comma list")
     p.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the section is appended to")
     p.add_argument("--memory-limit-gib", type=float, default=None, help="cap the allocator (e.g. 79: an 80 GB card)")
     args = p.parse_args()

@@ -4,7 +4,7 @@ linear_cross_entropy: the mean cross-entropy of `x @ weight.T` computed a chunk 
 so the (N, V) logits of a training batch never exist at once. For GPT-2 124M at B*T = 65,536 the
 plain path holds bf16 logits (6.6 GB), their gradient and float32 temporaries; this holds one
 chunk (8192 rows) and the (V, C) weight gradient: peak memory of a compiled training step 53.0
--> 24.4 GiB, and with its Triton softmax kernel 11% faster (benchmarks/NOTES.md).
+-> 24.4 GiB, and with its Triton softmax kernel (gpt2.kernels.loss) 11% faster (benchmarks/NOTES.md).
 
 attention_backends: the scaled_dot_product_attention kernels to prefer on a device.
 
@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from gpt2 import kernels
 
 
 def linear_cross_entropy(
@@ -107,9 +109,19 @@ def _cross_entropy_sum_and_grad(
     """Summed CE of logits (n, Vp) over their first vocab_size columns (float32 softmax) and its
     gradient softmax - onehot (n, Vp) in logits' dtype, zero in the padded columns; ignored rows
     contribute neither. One Triton kernel on CUDA, PyTorch operations elsewhere."""
-    if logits.is_cuda and USE_TRITON_KERNELS and _TRITON_OK:
-        rows, grad = torch.ops.gpt2.cross_entropy_rows(logits, targets, vocab_size, ignore_index)
+    if logits.is_cuda and kernels.HAS_TRITON:
+        from gpt2.kernels.loss import cross_entropy_rows
+
+        rows, grad = cross_entropy_rows(logits, targets, vocab_size, ignore_index)
         return rows.sum(), grad
+    return cross_entropy_sum_and_grad_reference(logits, targets, ignore_index, vocab_size)
+
+
+def cross_entropy_sum_and_grad_reference(
+    logits: Tensor, targets: Tensor, ignore_index: int, vocab_size: int
+) -> tuple[Tensor, Tensor]:
+    """_cross_entropy_sum_and_grad in PyTorch operations: the CPU path and the Triton kernel's
+    reference (it writes -inf into logits' padded columns)."""
     if logits.size(1) != vocab_size:
         logits[:, vocab_size:] = float("-inf")  # padding: no probability, no gradient
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (n, Vp)
@@ -121,72 +133,6 @@ def _cross_entropy_sum_and_grad(
     grad = grad.scatter_add(1, safe, -valid.to(grad.dtype))  # minus the one-hot target
     grad = torch.where(valid, grad, 0.0)
     return loss, grad.to(logits.dtype)
-
-
-# On CUDA the softmax part of the chunked loss is one Triton kernel: one pass over a row for its
-# log-sum-exp (online max and sum, Milakov & Gimelshein 2018), one more to write the gradient,
-# where the torch.compile'd PyTorch version makes three (max, sum, gradient). Set False to use
-# the PyTorch version everywhere (benchmarks compare the two).
-USE_TRITON_KERNELS = True
-_TRITON_OK = False
-if torch.cuda.is_available():
-    try:
-        import triton
-        import triton.language as tl
-
-        _TRITON_OK = True
-    except ImportError:  # a CUDA build without Triton: the PyTorch version runs
-        pass
-
-if _TRITON_OK:
-
-    @triton.jit
-    def _cross_entropy_rows_kernel(
-        logits_ptr, grad_ptr, targets_ptr, loss_ptr, stride, V, Vp, ignore_index, BLOCK: tl.constexpr
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        x_row = logits_ptr + row * stride
-        g_row = grad_ptr + row * stride
-        target = tl.load(targets_ptr + row)
-        # Pass 1: running max m and sum d of exp(x - m) over the row's first V columns (column 0
-        # is real, so m is finite after the first block and no -inf - -inf arises).
-        m = float("-inf")
-        d = 0.0
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(d)
-        valid = target != ignore_index
-        x_target = tl.load(x_row + target, mask=valid, other=0.0).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(valid, lse - x_target, 0.0))
-        # Pass 2: gradient softmax - onehot (zero for ignored rows and padded columns).
-        for start in range(0, Vp, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
-            g = tl.where(valid, g, 0.0)
-            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < Vp)
-
-    @torch.library.custom_op("gpt2::cross_entropy_rows", mutates_args=())
-    def _cross_entropy_rows(
-        logits: Tensor, targets: Tensor, vocab_size: int, ignore_index: int
-    ) -> tuple[Tensor, Tensor]:
-        """Per-row CE (n,) float32 and gradient (n, Vp) of logits (n, Vp); see _cross_entropy_sum_and_grad."""
-        logits, targets = logits.contiguous(), targets.contiguous()
-        n, Vp = logits.shape
-        loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-        grad = torch.empty_like(logits)
-        _cross_entropy_rows_kernel[(n,)](
-            logits, grad, targets, loss, Vp, vocab_size, Vp, ignore_index, BLOCK=4096, num_warps=16
-        )
-        return loss, grad
-
-    @_cross_entropy_rows.register_fake
-    def _(logits: Tensor, targets: Tensor, vocab_size: int, ignore_index: int) -> tuple[Tensor, Tensor]:
-        return logits.new_empty(logits.size(0), dtype=torch.float32), torch.empty_like(logits)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

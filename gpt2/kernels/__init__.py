@@ -1,4 +1,15 @@
-"""Hand-written Triton kernels for the decode step (CUDA; optional: needs the `triton` package).
+"""Hand-written Triton kernels (CUDA; optional: needs the `triton` package), the one home of Triton code.
+
+  ops, decode  the decode step of serving and generation in 5 kernels per layer (below)
+  mlp          the training step's MLP with GELU in the epilogues of its matmuls, forward and backward
+  training     FusedMLP and the choice of training kernels (`train_kernels`)
+  loss         the softmax of the chunked cross-entropy (gpt2.ops.linear_cross_entropy)
+
+Each kernel computes the same function as the PyTorch expression it replaces, which stays as the
+reference its tests compare to. Which kernels run is a value passed where a step is built
+(`train_kernels`, `--decode-kernels`), never a module-level switch.
+
+The decode step:
 
 A decode step feeds one token per sequence, so each of its ~170 PyTorch kernels does almost
 nothing and costs its launch: on an H200 a GPT-2 124M step at batch 1 was 170 kernels, 584 us of
@@ -18,11 +29,12 @@ import importlib.util
 
 import torch
 
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # what is installed; nothing here changes it
+
 
 def available(device: torch.device | str) -> bool:
-    """Whether the fused kernels can run on device: CUDA with triton installed."""
-    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
-    return cuda and importlib.util.find_spec("triton") is not None
+    """Whether the kernels can run on device: CUDA with triton installed."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available() and HAS_TRITON
 
 
 def supports(config) -> bool:

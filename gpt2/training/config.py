@@ -102,6 +102,9 @@ class TrainingConfig:
         "fp32 on CPU and MPS), fp32, bf16, fp16",
     )
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA)")
+    train_kernels: str = _f(
+        "auto", "auto (gpt2.kernels' fused training kernels where they run: CUDA with triton), fused, or torch"
+    )
     parallelism: str = _f("ddp", "ddp (replicate the model) or fsdp (shard it with FSDP2; for models DDP cannot fit)")
     activation_checkpointing: bool = _f(
         False, "fsdp: recompute each block in backward (less memory, ~30% more compute)"
@@ -146,6 +149,7 @@ class TrainingConfig:
             "lr_schedule": ("cosine", "wsd"),
             "decay_shape": ("linear", "sqrt"),
             "muon_adjust_lr": ("match_rms_adamw", "spectral", "none"),
+            "train_kernels": ("auto", "fused", "torch"),
         }
         for name, allowed in choose.items():
             if getattr(self, name) not in allowed:

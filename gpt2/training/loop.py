@@ -34,6 +34,7 @@ from gpt2.data import DataLoaderLite, LoaderConfig
 from gpt2.device import autocast_dtype, synchronize
 from gpt2.distributed import DistInfo, all_reduce_sum, barrier, on_main_rank
 from gpt2.fileio import atomic_write_json
+from gpt2.kernels.training import fuse_mlps, use_training_kernels
 from gpt2.metrics import RunLogger, environment_info, flops_per_token, mfu, peak_flops
 from gpt2.model import GPT
 from gpt2.plotting import plot_run
@@ -93,6 +94,7 @@ class Trainer:
         self.plan, self.cfg, self.info, self.log, self.stop = plan, plan.config, info, log, stop
         cfg, device = self.cfg, info.device
         self.phase = "setup"
+        self.fused, self.kernels_line = use_training_kernels(cfg.train_kernels, device)  # before any write
         data_root = self._prepare_data()
         model_config = cfg.model_config()
         self.env = environment_info(device) if info.is_main else {}
@@ -148,6 +150,8 @@ class Trainer:
         cfg, info = self.cfg, self.info
         torch.manual_seed(cfg.seed)
         model = GPT(model_config).to(info.device)
+        if self.fused:
+            fuse_mlps(model)  # the same parameters, computed by gpt2.kernels (state_dict unchanged)
         torch.manual_seed(cfg.seed + info.rank)
         if info.device.type == "cuda":
             torch.cuda.manual_seed(cfg.seed + info.rank)
@@ -208,6 +212,7 @@ class Trainer:
             f"{cfg.total_batch_size:,} tokens/step = {cfg.micro_batch_size} x {cfg.seq_len} x {info.world_size} "
             f"x {self.plan.grad_accum_steps} accumulation"
         )
+        self.log.info(self.kernels_line)
         if info.device.type == "cuda" and self.peak is None:
             name = torch.cuda.get_device_name(info.device)
             self.log.info(f"note: unknown peak FLOP/s for {name}; MFU is not reported")
