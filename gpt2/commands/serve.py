@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import sys
+from pathlib import Path
 
 from gpt2.device import DTYPE_CHOICES
 
@@ -89,14 +90,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        import jinja2  # noqa: F401
+        import prometheus_client  # noqa: F401
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
-    except ImportError:
-        raise RuntimeError("gpt2 serve needs the serve extra: pip install 'gpt2[serve]' (starlette, uvicorn)") from None
+    except ImportError as e:
+        raise RuntimeError(f"gpt2 serve needs the serve extra ({e.name} is missing): pip install 'gpt2[serve]'") from e
     import torch
 
     from gpt2 import kernels
     from gpt2.device import pick_device
+    from gpt2.loading import resolve_model
     from gpt2.serve.app import Service
     from gpt2.serve.server import ServeConfig, run_server
 
@@ -105,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     fused = {"auto": None, "fused": True, "torch": False}[args.decode_kernels]
     if fused:
         kernels.use_fused(fused, args.compile, device)  # what cannot run is refused before loading
+    if not Path(args.model).expanduser().is_dir():  # a missing path or unknown name, at once (a directory's
+        resolve_model(args.model)  # files are checked where they are read, not twice)
     config = ServeConfig(
         max_batch=args.max_batch,
         max_queue=args.max_queue,
