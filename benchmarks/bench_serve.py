@@ -209,7 +209,7 @@ def serve_levels(args, model_dir: Path, flags: list[str], levels: str, pool, dea
     try:
         wait_for_server(url, server, log, timeout=max(1.0, deadline - time.perf_counter()))
         log.seek(0)
-        startup = next((line.strip() for line in log if line.startswith("gpt2 serve:")), "")
+        startup = next((s.strip() for s in log if s.startswith("gpt2 serve:") and "decode step" in s), "")
         print(f"  {startup}", flush=True)
         for clients in [int(c) for c in levels.split(",")]:
             if time.perf_counter() > deadline:

@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt2 import GPT, GPTConfig  # noqa: E402
+from gpt2.inference import engine as engine_module  # noqa: E402
 from gpt2.serve import app as app_module  # noqa: E402
-from gpt2.serve import engine as engine_module  # noqa: E402
+from gpt2.serve import handling as handling_module  # noqa: E402
 from gpt2.serve import stream as stream_module  # noqa: E402
 from gpt2.serve.server import ServeConfig, ServerThread, build_service, warm_up  # noqa: E402
 
@@ -70,7 +71,7 @@ def timed(owner, name: str, part: str) -> None:
 
 
 def instrument(service) -> None:
-    """Time the parts; every name here exists in the engine / app / stream modules (the engine's
+    """Time the parts; every name here exists in the engine / app / handling / stream modules (the engine's
     parts only when it runs in this process)."""
     if isinstance(service.engine, engine_module.Engine):
         decoder = service.engine.decoder
@@ -86,7 +87,7 @@ def instrument(service) -> None:
     timed(app_module, "_dispatch", "bridge: dispatch to request queues (loop)")
     C = stream_module.Completion
     timed(C, "_apply", "stream: outputs -> text -> SSE events")
-    timed(app_module, "parse_completion", "http: parse the request (loop)")
+    timed(handling_module, "parse_completion", "http: parse the request (loop)")
     timed(service.engine, "submit", "http: submit to the engine (loop)")
 
 
@@ -269,7 +270,8 @@ def main() -> int:
     serve_config = ServeConfig(max_batch=args.max_batch)
     tmp = tempfile.TemporaryDirectory()
     if args.engine_process:
-        from gpt2.serve.process import ModelSpec, build_process_service
+        from gpt2.inference.load import ModelSpec
+        from gpt2.serve.process import build_process_service
 
         GPT(config).save_pretrained(Path(tmp.name))
         service = build_process_service(ModelSpec(tmp.name, "cpu"), "bench", serve_config)

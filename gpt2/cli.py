@@ -17,7 +17,7 @@ COMMANDS = {
     "train": "train a GPT-2 (CPU, GPU, or torchrun on several)",
     "prepare": "tokenize a corpus into token shards",
     "generate": "generate text from a model",
-    "serve": "serve a model over HTTP: OpenAI-compatible completions with continuous batching",
+    "serve": "serve a model over HTTP: OpenAI-compatible completions and chat with continuous batching",
     "eval": "evaluate a model (hellaswag, loss, lambada)",
     "validate": "compare a checkpoint's logits and greedy tokens with HuggingFace transformers",
     "export": "write a checkpoint as a HuggingFace directory",

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gpt2.config import VOCAB_SIZE, GPTConfig
 from gpt2.fileio import atomic_write, atomic_write_json, read_json_object
-from gpt2.tokenizer import EOT_ID, write_hf_tokenizer_files
+from gpt2.tokenizer import EOT_ID, fits_vocab, write_hf_tokenizer_files
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONFIG_FILE = "config.json"
@@ -169,9 +169,11 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{directory} has config.json but no {WEIGHTS_FILE} or {LEGACY_WEIGHTS_FILE}")
 
 
-def save_pretrained(model: nn.Module, directory: str | Path, *, tokenizer: bool = True) -> None:
+def save_pretrained(model: nn.Module, directory: str | Path, *, tokenizer: bool | None = None) -> None:
     """Write the GPT `model` as an HF directory: config.json, model.safetensors (the model's dtype,
-    HF layout), generation_config.json and, with tokenizer=True, the tokenizer files; each file
+    HF layout), generation_config.json and the tokenizer files (vocab.json, merges.txt,
+    tokenizer_config.json: AutoTokenizer and `lm_eval --model hf` read the directory as it is;
+    tokenizer=None writes them when the vocabulary is GPT-2's, True always, False never); each file
     published atomically."""
     config: GPTConfig = model.config
     if not config.bias:
@@ -184,5 +186,5 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, tokenizer: bool 
     hf_config["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
     atomic_write_json(directory / CONFIG_FILE, hf_config)
     atomic_write_json(directory / "generation_config.json", {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
-    if tokenizer:
+    if tokenizer or (tokenizer is None and fits_vocab(config.vocab_size)):
         write_hf_tokenizer_files(directory, model_max_length=config.block_size)

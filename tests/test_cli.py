@@ -127,3 +127,30 @@ def test_serve_refuses_decode_kernels_it_cannot_run_before_loading(args, message
     assert r.returncode == 2
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--allowed-origins", "localhost:3000"], "'localhost:3000' is not an origin"),
+        (["--allowed-origins", '["http://a.example"'], "is not a valid JSON list"),
+        (["--max-body-bytes", "10"], "--max-body-bytes must be at least 1024"),
+        (["--chat-template", "no-such-template.jinja"], "no such file"),
+        (["--chat-template", "{% for %}"], "not a valid Jinja template"),
+        (["--api-key", ""], "--api-key must not be empty"),
+    ],
+)
+def test_serve_refuses_bad_http_flags_before_loading(args, message):
+    pytest.importorskip("uvicorn")
+    r = gpt2("serve", "--model", "no-such-dir-so-loading-would-fail", *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_serve_origins_flag_forms():
+    from gpt2.commands.serve import parse_origins
+
+    assert parse_origins("http://a.example, https://b.example:8443") == ("http://a.example", "https://b.example:8443")
+    assert parse_origins('["http://a.example"]') == ("http://a.example",) and parse_origins("*") == ("*",)
+    assert parse_origins(None) == () and parse_origins(" ") == ()

@@ -328,6 +328,24 @@ def test_save_and_load_in_one_process_is_exact_and_atomic(tmp_path):
     assert all(torch.equal(weights_only.state_dict()[k], sd[k]) for k in sd)
 
 
+def test_sharded_checkpoints_carry_the_tokenizer_files(tmp_path):
+    """As an HF-format checkpoint does: AutoTokenizer reads the directory, and the files are in its
+    manifest; a small vocabulary (CONFIG's) gets none."""
+    transformers = pytest.importorskip("transformers")
+    from gpt2.checkpoint.layout import MANIFEST, verified
+    from gpt2.tokenizer import Tokenizer
+
+    torch.manual_seed(SEED)
+    ckpt = save_sharded(tmp_path / "step_00000001", GPT(GPTConfig.from_name("tiny")), None, {"step": 1})
+    verified(ckpt)
+    listed = json.loads((ckpt / MANIFEST).read_text())["files"]
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(listed)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    assert hf_tok("Sharded, too.")["input_ids"] == Tokenizer().encode("Sharded, too.")
+    small = save_sharded(tmp_path / "step_00000002", new_model(), None, {"step": 2})
+    assert not (small / "vocab.json").exists()
+
+
 def test_user_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="torchrun"):
         shard_model(new_model(), mixed_precision=False, activation_checkpointing=False)

@@ -62,6 +62,24 @@ def test_saved_tokenizer_loads_in_transformers_and_matches_ours(tmp_path):
     assert hf_tok.eos_token_id == 50256
 
 
+def test_training_checkpoints_carry_the_tokenizer_files(tmp_path):
+    """AutoTokenizer reads a training checkpoint directory as it is; a model whose vocabulary is not
+    GPT-2's (a small test vocabulary) gets no tokenizer files that would not fit it."""
+    from gpt2.checkpoint.full import save_checkpoint
+    from gpt2.checkpoint.layout import verified
+    from gpt2.tokenizer import Tokenizer
+
+    ckpt = save_checkpoint(tmp_path / "run", 3, GPT(GPTConfig.from_name("tiny")), {"x": 1}, {"model": "tiny"})
+    verified(ckpt)  # the tokenizer files are in the checkpoint's manifest like every other file
+    hf_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    assert hf_tok("Hello, checkpoint!")["input_ids"] == Tokenizer().encode("Hello, checkpoint!")
+    assert hf_tok.model_max_length == 64
+    small = save_checkpoint(
+        tmp_path / "small", 1, GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=1, n_head=1, n_embd=8)), {}, {}
+    )
+    assert not (small / "vocab.json").exists()
+
+
 @pytest.mark.slow
 def test_parity_at_124M_shape_both_ways(tmp_path):
     hf = make_hf(tmp_path / "hf")  # GPT2Config() defaults are the 124M shape

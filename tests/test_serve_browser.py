@@ -71,3 +71,63 @@ def test_playground_streams_text(tmp_path):
                 page.screenshot(path=str(shot))
         finally:
             context.close()
+
+
+def _page_server(tmp_path):
+    """A page on another origin (another port): a static file server in a thread."""
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<!doctype html><title>another origin</title><p>app</p>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+CALL = """async ([api, key]) => {
+  try {
+    const r = await fetch(api + "/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "Authorization": "Bearer " + key },
+      body: JSON.stringify({ messages: [{ role: "user", content: "Hi" }], max_tokens: 3 }),
+    });
+    const body = await r.json();
+    return { status: r.status, object: body.object || null };
+  } catch (e) {
+    return { error: String(e) };
+  }
+}"""
+
+
+def test_a_page_on_another_origin_calls_the_api_through_cors(tmp_path):
+    """JSON + Authorization make the browser send a preflight OPTIONS first: with --allowed-origins
+    set to the page's origin the call succeeds; without it the browser blocks it."""
+    from gpt2.serve.config import HTTPConfig
+
+    httpd, origin = _page_server(tmp_path)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny")).eval()
+    allowed = build_service(
+        model, "tiny", ServeConfig(max_batch=2), HTTPConfig(api_keys=("k",), allowed_origins=(origin,))
+    )
+    closed = build_service(model, "tiny", ServeConfig(max_batch=2), HTTPConfig(api_keys=("k",)))
+    try:
+        with ServerThread(allowed) as api, ServerThread(closed) as other, sync_api.sync_playwright() as pw:
+            context = pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, args=ARGS, headless=True
+            )
+            try:
+                page = context.new_page()
+                page.goto(origin + "/")
+                assert page.evaluate(CALL, [api, "k"]) == {"status": 200, "object": "chat.completion"}
+                assert page.evaluate(CALL, [api, "wrong"]) == {"status": 403, "object": None}  # readable error
+                blocked = page.evaluate(CALL, [other, "k"])
+                assert "Failed to fetch" in blocked.get("error", ""), blocked
+            finally:
+                context.close()
+    finally:
+        httpd.shutdown()

@@ -5,6 +5,9 @@ dead engine process fails its requests instead of hanging them."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 
@@ -13,7 +16,9 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from gpt2.inference.load import ModelSpec  # noqa: E402
-from gpt2.serve.process import build_process_service  # noqa: E402
+from gpt2.serve.app import Service  # noqa: E402
+from gpt2.serve.config import HTTPConfig  # noqa: E402
+from gpt2.serve.process import build_process_service, process_loader  # noqa: E402
 from gpt2.serve.server import ServeConfig, ServerThread, build_service, warm_up  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -83,21 +88,63 @@ def test_the_queue_bound_counts_slots_and_queue(server):
             engine._seqs.update(saved)
 
 
-def test_a_dead_engine_process_fails_requests(checkpoint):
+def test_a_dead_engine_process_fails_requests_and_health_answers_503(checkpoint):
     service = build_process_service(ModelSpec(str(checkpoint), "cpu"), "m", ServeConfig(max_batch=2))
     with ServerThread(service) as url:
-        service.engine._process.kill()
+        assert httpx.get(f"{url}/health").status_code == 200
+        os.kill(service.engine._process.pid, signal.SIGKILL)  # kill -9
         service.engine._process.join()
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
-        assert r.status_code == 500 and "engine process" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "engine process" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "1"
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503, health.text
+        assert health.json()["status"] == "unavailable" and "engine process" in health.json()["reason"]
+        assert 'gpt2:engine_healthy{model_name="m"} 0.0' in httpx.get(f"{url}/metrics").text
+
+
+def test_a_stopped_engine_process_is_reported_wedged_until_it_runs_again(checkpoint):
+    http = HTTPConfig(stall_timeout_s=1.5)
+    service = build_process_service(ModelSpec(str(checkpoint), "cpu"), "m", ServeConfig(max_batch=2), http)
+    with ServerThread(service) as url:
+        pid = service.engine._process.pid
+        assert httpx.get(f"{url}/health").status_code == 200
+        os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing: what a hung driver call looks like
+        try:
+            assert wait_for(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=10)
+            assert "not answered" in httpx.get(f"{url}/health").json()["reason"]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, timeout=10)
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+
+
+def test_health_answers_503_while_the_engine_starts(checkpoint):
+    service = Service(None, "m")
+    service.loader = process_loader(ModelSpec(str(checkpoint), "cpu"), ServeConfig(max_batch=2))
+    with ServerThread(service) as url:  # listening before the engine process has loaded anything
+        first = httpx.get(f"{url}/health")
+        assert first.status_code == 503 and first.json()["status"] == "starting", first.text
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        assert wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, timeout=120)
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+
+
+def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_gpt2_serve_starts_answers_and_stops_cleanly(checkpoint):
-    import os
-    import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from gpt2.serve.server import free_port

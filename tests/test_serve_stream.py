@@ -76,7 +76,14 @@ def test_token_table_text_equals_incremental_decoding():
 def _completion(stop=(), logprobs=None, echo=False):
     params = CompletionParams(model="m", prompts=[[40]], max_tokens=8, stream=True, stop=stop)
     params.logprobs, params.echo = logprobs, echo
-    service = SimpleNamespace(tok=Tokenizer(), table=token_table(50257), engine=SimpleNamespace(cancel=lambda ids: 0))
+    from gpt2.serve.metrics import ServingMetrics
+
+    service = SimpleNamespace(
+        tok=Tokenizer(),
+        table=token_table(50257),
+        engine=SimpleNamespace(cancel=lambda ids: 0),
+        metrics=ServingMetrics("m", dict, lambda: True),
+    )
     seq = Sequence([40], 8, handle=Mailbox())
     return Completion(service, params, [seq], [0], seq.handle, "cmpl-x"), seq
 

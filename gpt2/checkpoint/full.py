@@ -1,7 +1,8 @@
 """HF-format training checkpoints, written by one process: the model as config.json +
-model.safetensors (so GPT.from_pretrained, `gpt2 generate --model` and transformers load it as it
-is), trainer_state.pt (plain tensors, dicts and lists, read with weights_only=True) and the
-training config. The directory layout and the completeness rule are gpt2.checkpoint.layout's.
+model.safetensors and the tokenizer files (so GPT.from_pretrained, `gpt2 generate --model`,
+transformers' AutoModel/AutoTokenizer and `lm_eval --model hf` load it as it is), trainer_state.pt
+(plain tensors, dicts and lists, read with weights_only=True) and the training config. The
+directory layout and the completeness rule are gpt2.checkpoint.layout's.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def save_checkpoint(
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_tmp_dir(final)
     try:
-        save_pretrained(model, tmp, tokenizer=False)
+        save_pretrained(model, tmp)  # with the tokenizer files: AutoTokenizer reads a checkpoint
         state = {"format": STATE_FORMAT, "step": step, **trainer_state, SEALED: True}
         write_trainer_files(tmp, state, train_config)
         seal_checkpoint(tmp)

@@ -7,6 +7,7 @@ A sharded checkpoint (written by save_sharded, one data file per rank) is
         .metadata, __0_0.distcp, __1_0.distcp   torch.distributed.checkpoint of {"model": weights,
                                                 "optimizer": AdamW state}, GPT's own parameter names
         config.json                             the model's HF config (its shape)
+        vocab.json, merges.txt, tokenizer_config.json   GPT-2's BPE (AutoTokenizer; GPT-2-sized vocabularies)
         trainer_state.pt                        rank 0's extra state (torch.save; weights_only=True)
         train_config.json, ...
 
@@ -47,6 +48,7 @@ from gpt2.config import GPTConfig
 from gpt2.distributed import is_distributed, on_main_rank
 from gpt2.fileio import atomic_write, atomic_write_json, publish_dir
 from gpt2.hf import CONFIG_FILE, EMBEDDING_KEY, TIED_KEY, config_to_hf, read_config
+from gpt2.tokenizer import fits_vocab, write_hf_tokenizer_files
 
 MODEL_KEY, OPTIMIZER_KEY = "model", "optimizer"
 
@@ -141,6 +143,8 @@ def save_sharded(
 
     def finish() -> None:
         atomic_write_json(tmp / CONFIG_FILE, config_to_hf(config))
+        if fits_vocab(config.vocab_size):  # AutoTokenizer reads the checkpoint directory as it is
+            write_hf_tokenizer_files(tmp, config.block_size)
         atomic_write(tmp / STATE_FILE, lambda path: torch.save({**extra_state, SEALED: True}, path))
         for name, value in (json_files or {}).items():
             atomic_write_json(tmp / name, value)

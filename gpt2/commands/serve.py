@@ -1,9 +1,9 @@
-"""`gpt2 serve`: an OpenAI-compatible completions server with continuous batching (needs `.[serve]`).
+"""`gpt2 serve`: an OpenAI-compatible server with continuous batching (needs `.[serve]`).
 
-The model is loaded, warmed up and, on CUDA, its decode and prefill passes are captured as CUDA
-graphs once at start-up, in an engine process of its own (gpt2.serve.process; --engine-thread
-keeps it in this one); then uvicorn serves /v1/completions, /v1/models, /health and a playground
-page at /.
+uvicorn listens at once (/health answers 503 "starting" meanwhile) while the model is loaded, warmed
+up and, on CUDA, its decode and prefill passes are captured as CUDA graphs, in an engine process of
+its own (gpt2.serve.process; --engine-thread keeps it in this one); then it serves /v1/completions,
+/v1/chat/completions, /v1/models, the tokenizer routes, /health, /metrics and a playground page at /.
 docs/serving.md describes the API, the flags and how batching works.
 """
 
@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import socket
 import sys
+from pathlib import Path
 
 from gpt2.commands.common import add_decode_kernels_argument, add_model_arguments
 
@@ -20,6 +23,8 @@ from gpt2.commands.common import add_decode_kernels_argument, add_model_argument
 # thread waiting for the GIL gets it only after the switch interval: Python's default of 5 ms
 # showed up as 5-7 ms inter-token gaps. 0.2 ms bounds that wait well under one decode step.
 SWITCH_INTERVAL_S = 2e-4
+API_KEY_ENV = "GPT2_API_KEY"  # the API key when --api-key is not given (keeps it out of `ps`)
+MIN_BODY_BYTES = 1024  # --max-body-bytes below this would refuse ordinary requests
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,20 +65,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "for the event loop's GIL)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    add_http_arguments(parser)
+
+
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    """The HTTP side's flags (gpt2.serve.config.HTTPConfig)."""
+    from gpt2.serve.config import HTTPConfig
+
+    defaults = HTTPConfig()
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template (HF/vLLM style) for /v1/chat/completions (default: plain 'Role: text' turns)",
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' on /v1/* and the tokenizer routes (repeat for several keys; "
+        f"default: ${API_KEY_ENV} if set)",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        default=None,
+        metavar="ORIGINS",
+        help="CORS: origins whose pages may call the API, comma-separated or a JSON list ('*': any; default: none)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        help=f"largest request body; larger ones get 413 before they are read (default {defaults.max_body_bytes})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        import jinja2  # noqa: F401
+        import prometheus_client  # noqa: F401
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
-    except ImportError:
-        raise RuntimeError("gpt2 serve needs the serve extra: pip install 'gpt2[serve]' (starlette, uvicorn)") from None
+    except ImportError as e:
+        raise RuntimeError(f"gpt2 serve needs the serve extra ({e.name} is missing): pip install 'gpt2[serve]'") from e
     check_arguments(args)
+    http = http_config(args)  # bad flags are refused before anything loads or listens
     import torch
 
     from gpt2 import kernels
     from gpt2.commands.common import load_for_inference, model_spec
     from gpt2.device import pick_device
+    from gpt2.loading import resolve_model
+    from gpt2.serve.app import Service
     from gpt2.serve.config import ServeConfig
     from gpt2.serve.server import run_server
 
@@ -81,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     fused = {"auto": None, "fused": True, "torch": False}[args.decode_kernels]
     if fused:
         kernels.use_fused(fused, args.compile, device)  # what cannot run is refused before loading
+    if not Path(args.model).expanduser().is_dir():  # a missing path or unknown name, at once (a directory's
+        resolve_model(args.model)  # files are checked where they are read, not twice)
     config = ServeConfig(
         max_batch=args.max_batch,
         max_queue=args.max_queue,
@@ -91,24 +137,28 @@ def run(args: argparse.Namespace) -> int:
         batch_invariant=args.batch_invariant,
     )
     torch.set_grad_enabled(False)
-    model_id = args.served_model_name or args.model
+    service = Service(None, args.served_model_name or args.model, http=http)
     spec = model_spec(args, str(device))
-    if args.engine_thread:
-        service, info = _engine_in_this_process(spec, model_id, config)
-    else:
-        from gpt2.serve.process import build_process_service
-
-        service = build_process_service(spec, model_id, config, load=load_for_inference)
-        info = service.engine.info
     where = "engine thread" if args.engine_thread else "engine process"
-    print(
-        f"gpt2 serve: {service.model_id} on {info['device']} ({info['dtype']}, {where}), max batch "
-        f"{args.max_batch}, decode step: {info['decode']}; warm-up {info['warmup_s']:.1f} s, "
-        f"{info['graphs']} CUDA graphs in {info['capture_s']:.1f} s; {http_stack()}; http://{args.host}:{args.port}/",
-        file=sys.stderr,
-        flush=True,
-    )
-    tune_process()
+
+    def on_ready(info: dict) -> None:
+        print(
+            f"gpt2 serve: {service.model_id} on {info['device']} ({info['dtype']}, {where}), max batch "
+            f"{args.max_batch}, decode step: {info['decode']}; warm-up {info['warmup_s']:.1f} s, "
+            f"{info['graphs']} CUDA graphs in {info['capture_s']:.1f} s; {http_stack()}; "
+            f"http://{args.host}:{args.port}/",
+            file=sys.stderr,
+            flush=True,
+        )
+        tune_process()
+
+    if args.engine_thread:
+        service.loader = _thread_loader(spec, config, on_ready)
+    else:
+        from gpt2.serve.process import process_loader
+
+        service.loader = process_loader(spec, config, on_ready, load=load_for_inference)
+    print(f"gpt2 serve: loading {args.model}; /health answers 503 until it is ready", file=sys.stderr, flush=True)
     run_server(service, args.host, args.port, access_log=args.access_log)
     return 0
 
@@ -129,14 +179,69 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise OSError(f"cannot listen on {args.host}:{args.port} ({reason}); choose another --port or --host") from None
 
 
-def _engine_in_this_process(spec, model_id: str, config):
-    from gpt2.commands.common import load_for_inference
-    from gpt2.serve.server import build_service, warm_up
+def http_config(args: argparse.Namespace):
+    """The HTTP settings from the flags (and $GPT2_API_KEY); ValueError for a bad one."""
+    from gpt2.serve.chat import load_chat_template
+    from gpt2.serve.config import HTTPConfig
 
-    model, device = load_for_inference(spec)
-    service = build_service(model, model_id, config)
-    info = {"device": str(device), "dtype": str(next(model.parameters()).dtype), **warm_up(service)}
-    return service, info
+    if args.max_body_bytes < MIN_BODY_BYTES:
+        raise ValueError(f"--max-body-bytes must be at least {MIN_BODY_BYTES}, got {args.max_body_bytes}")
+    keys = args.api_key if args.api_key is not None else [os.environ.get(API_KEY_ENV, "")]
+    keys = tuple(k for k in keys if k)
+    if args.api_key is not None and len(keys) != len(args.api_key):
+        raise ValueError("--api-key must not be empty")
+    template = None if args.chat_template is None else load_chat_template(args.chat_template)
+    return HTTPConfig(
+        api_keys=keys,
+        allowed_origins=parse_origins(args.allowed_origins),
+        max_body_bytes=args.max_body_bytes,
+        chat_template=template,
+    )
+
+
+def parse_origins(value: str | None) -> tuple[str, ...]:
+    """--allowed-origins: 'https://a.example,http://localhost:3000', a JSON list as vLLM takes, or '*'."""
+    if value is None or not value.strip():
+        return ()
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            origins = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--allowed-origins {value!r} is not a valid JSON list ({e.msg})") from None
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise ValueError(f"--allowed-origins {value!r}: a JSON list must hold strings")
+    else:
+        origins = [o.strip() for o in text.split(",") if o.strip()]
+    for o in origins:
+        if o != "*" and ("://" not in o or o.endswith("/") or o.count("/") != 2):
+            raise ValueError(
+                f"--allowed-origins: {o!r} is not an origin; write scheme://host[:port], e.g. http://localhost:3000"
+            )
+    return tuple(origins)
+
+
+def _thread_loader(spec, config, on_ready):
+    """--engine-thread: load the model and run the engine in this process (a Service loader)."""
+
+    def load(service) -> None:
+        from gpt2.commands.common import load_for_inference
+        from gpt2.serve.server import build_engine, warm_up_engine
+
+        model, device = load_for_inference(spec)
+        live = []  # the warm-up's outputs have nobody to go to
+
+        def deliver(outputs) -> None:
+            if live:
+                service.on_outputs(outputs)
+
+        engine = build_engine(model, config, deliver)
+        info = {"device": str(device), "dtype": str(next(model.parameters()).dtype), **warm_up_engine(engine)}
+        live.append(True)
+        service.attach(engine, model.config.block_size, model.config.vocab_size)
+        on_ready(info)
+
+    return load
 
 
 def http_stack() -> str:

@@ -25,6 +25,7 @@ once per step; the HTTP layer hands that list over to its event loop.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 import time
@@ -40,7 +41,10 @@ from gpt2.inference.runner import BatchDecoder, to_device, to_host
 from gpt2.inference.sampling import encode_settings, logprob_list, mode_of, sample, top_logprobs
 from gpt2.inference.scheduler import Output, QueueFull, Running, Scheduler, Sequence
 
-__all__ = ["Engine", "EngineClient", "Output", "QueueFull", "Sequence"]
+__all__ = ["STEP_BUCKETS_S", "Engine", "EngineClient", "Output", "QueueFull", "Sequence"]
+
+# Upper bounds (seconds) of the step-boundary duration histogram that /metrics shows.
+STEP_BUCKETS_S = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class EngineClient(Protocol):
@@ -55,8 +59,17 @@ class EngineClient(Protocol):
         """Stop these sequences at the next step boundary (unknown ids: no-op)."""
         ...
 
+    @property
+    def max_queue(self) -> int:
+        """The most sequences one request may have (more is a ValueError, not a QueueFull)."""
+        ...
+
     def stats(self) -> dict[str, float]:
-        """Counters for /health."""
+        """Counters for /health and /metrics."""
+        ...
+
+    def health(self, stall_timeout: float) -> str | None:
+        """None while the engine runs and steps; else why not (/health's 503 reason)."""
         ...
 
     def start(self) -> None:
@@ -116,6 +129,8 @@ class Engine:
         self.tokens = 0  # tokens delivered
         self.busy_s = 0.0  # seconds the engine thread spent in step boundaries (waits included)
         self.wait_s = 0.0  # of which waiting for the device: busy - wait is the host's own work
+        self.step_counts = [0] * (len(STEP_BUCKETS_S) + 1)  # step boundaries per duration bucket (metrics)
+        self._beat: float | None = None  # when the running step boundary began; None while idle (health)
 
     # --- called from other threads -------------------------------------------------------------
 
@@ -127,14 +142,33 @@ class Engine:
         """Stop these sequences at the next step boundary and free their slots (unknown ids: no-op)."""
         self.scheduler.cancel(ids)
 
+    @property
+    def max_queue(self) -> int:
+        """The most sequences one request may have (the scheduler's queue bound)."""
+        return self.scheduler.max_queue
+
     def stats(self) -> dict[str, float]:
-        """Counts for /health; on CUDA also the peak memory allocated (GiB)."""
+        """Counts for /health and /metrics; on CUDA also the peak memory allocated (GiB)."""
         sched = self.scheduler
         out = {"running": len(sched.live), "waiting": sched.waiting, "steps": self.steps, "tokens": self.tokens}
         out["engine_busy_s"], out["engine_wait_s"] = round(self.busy_s, 4), round(self.wait_s, 4)
+        out["slots"], out["step_counts"] = self.decoder.max_batch, list(self.step_counts)
+        beat = self._beat
+        out["stalled_s"] = 0.0 if beat is None else round(time.perf_counter() - beat, 3)
+        out["alive"] = self._stop or self._thread is None or self._thread.is_alive()
         if self.device.type == "cuda":
             out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return out
+
+    def health(self, stall_timeout: float) -> str | None:
+        """None while the engine thread runs and no step boundary has taken stall_timeout seconds;
+        else why not (/health's 503 reason)."""
+        stats = self.stats()
+        if not stats["alive"]:
+            return "the engine thread has stopped"
+        if stats["stalled_s"] > stall_timeout:
+            return f"the engine is wedged: one step boundary has run for {stats['stalled_s']:.0f} s"
+        return None
 
     @property
     def idle(self) -> bool:
@@ -164,15 +198,18 @@ class Engine:
         while True:
             with changed:
                 while not (self._stop or not self.idle):
+                    self._beat = None  # waiting for work is not being stuck
                     changed.wait()
                 if self._stop:
                     return
-            t0 = time.perf_counter()
+            t0 = self._beat = time.perf_counter()
             try:
                 self.iterate()
             except Exception as e:  # a failed pass: fail what is running, keep serving
                 self._fail_all(f"{type(e).__name__}: {e}")
-            self.busy_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.busy_s += dt
+            self.step_counts[bisect.bisect_left(STEP_BUCKETS_S, dt)] += 1
 
     def iterate(self) -> None:
         """One step boundary: cancels, admissions (prefill), one decode step, deliveries."""

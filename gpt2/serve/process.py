@@ -11,7 +11,9 @@ runs the Engine; the HTTP process talks to it through two pipes:
     reader thread -> on_outputs    <--outputs---   engine thread: one message per step
 
 Each outputs message is one step's outputs as plain tuples (sequence id, tokens, logprobs, prompt
-logprobs, finish reason, error) plus the engine's counters for /health. EngineProcess has the
+logprobs, finish reason, error) plus the engine's counters for /health. Once a second a ping goes
+down and the child's main thread answers with the counters, so `health()` knows the child is alive
+and whether its engine thread is stuck even when nothing is being generated. EngineProcess has the
 Engine's interface (submit, cancel, stats, start, stop), so the Service and the app do not know
 which one they hold. Bounds: a request is refused (QueueFull) when the sequences not finished yet
 would exceed max_queue + max_batch (the queue plus the slots), counted here without asking the
@@ -31,8 +33,9 @@ from dataclasses import asdict
 from gpt2.inference.load import ModelSpec, load_model
 from gpt2.inference.scheduler import Output, QueueFull, Sequence
 from gpt2.serve.app import Service
-from gpt2.serve.config import ServeConfig
+from gpt2.serve.config import HTTPConfig, ServeConfig
 
+PING_S = 1.0  # heartbeat period (health)
 _FIELDS = (
     "prompt",
     "max_tokens",
@@ -55,11 +58,19 @@ class EngineProcess:
     """The Engine's interface over a child process that owns the model (see the module docstring).
 
     Construction starts the child and waits until it is warmed up (`info`: block_size, vocab_size,
-    device, dtype, warm-up times); start() starts delivering outputs to on_outputs."""
+    device, dtype, warm-up times; with wait=False wait_ready() does that); start() starts delivering
+    outputs to on_outputs."""
 
     def __init__(
-        self, spec: ModelSpec, config: ServeConfig, on_outputs, timeout: float = 1800, load: Loader = load_model
+        self,
+        spec: ModelSpec,
+        config: ServeConfig,
+        on_outputs,
+        timeout: float = 1800,
+        load: Loader = load_model,
+        wait: bool = True,
     ) -> None:
+        """Start the child, which loads the model with `load`; with wait=True also wait_ready(timeout)."""
         ctx = mp.get_context("spawn")  # CUDA starts fresh in the child
         child_commands, self._commands = ctx.Pipe(duplex=False)  # (receiving end, sending end)
         self._outputs, child_outputs = ctx.Pipe(duplex=False)
@@ -70,20 +81,31 @@ class EngineProcess:
         self._process.start()
         child_commands.close()
         child_outputs.close()
-        self.info: dict = self._wait_until_ready(timeout)
         self._lock = threading.Lock()  # guards _seqs (loop thread: submit; reader thread: finishes)
         self._seqs: dict[int, Sequence] = {}  # unfinished sequences by id
         self._ids = itertools.count()
-        self._stats = self.info.pop("stats")  # the engine's counters as of its last message
         self._dead: str | None = None
         self._reader: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._heard = time.monotonic()  # when the child last sent anything (health)
+        self.info: dict = {}
+        if wait:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 1800) -> dict:
+        """Block until the child has loaded and warmed up the model; its start-up report."""
+        self.info = self._wait_until_ready(timeout)
+        self._stats = self.info.pop("stats")  # the engine's counters as of its last message
+        self._heard = time.monotonic()
+        return self.info
 
     def _wait_until_ready(self, timeout: float) -> dict:
         """The child's start-up report; a RuntimeError if it failed, died or took too long."""
         deadline = time.monotonic() + timeout
         while not self._outputs.poll(1.0):
-            if not self._process.is_alive() or time.monotonic() > deadline:
+            if not self._process.is_alive() or time.monotonic() > deadline or self._stopping.is_set():
                 self._process.kill()
+                self._process.join(timeout=10)
                 raise RuntimeError(f"the engine process did not start (exit code {self._process.exitcode})")
         try:
             kind, info = self._outputs.recv()
@@ -126,15 +148,46 @@ class EngineProcess:
             except OSError:
                 pass  # the child is gone: the reader fails what was running
 
+    @property
+    def max_queue(self) -> int:
+        """Sequences one request may have (as Engine.max_queue)."""
+        return self.config.max_queue
+
     def stats(self) -> dict[str, float]:
         return dict(self._stats)
+
+    def health(self, stall_timeout: float) -> str | None:
+        """None while the engine process answers and steps; else why not (/health's 503 reason)."""
+        if self._dead is not None:
+            return self._dead
+        if not self._process.is_alive():
+            return f"the engine process exited with code {self._process.exitcode}"
+        silent = time.monotonic() - self._heard
+        if silent > stall_timeout:
+            return f"the engine process has not answered for {silent:.0f} s (stopped or wedged)"
+        stats = self._stats
+        if not stats.get("alive", True):
+            return "the engine thread of the engine process has stopped"
+        if stats.get("stalled_s", 0) > stall_timeout:
+            return f"the engine is wedged: one step boundary has run for {stats['stalled_s']:.0f} s"
+        return None
 
     def start(self) -> None:
         self._reader = threading.Thread(target=self._read, name="gpt2-serve-engine-reader", daemon=True)
         self._reader.start()
+        threading.Thread(target=self._ping, name="gpt2-serve-engine-ping", daemon=True).start()
+
+    def _ping(self) -> None:
+        """Ask the child for its counters every PING_S seconds (its answer is the heartbeat)."""
+        while not self._stopping.wait(PING_S) and self._dead is None:
+            try:
+                self._commands.send(("ping", None))
+            except OSError:
+                return  # the child is gone: the reader notices
 
     def stop(self) -> None:
-        if self._process.is_alive():
+        self._stopping.set()  # also ends a wait_ready in progress (start-up interrupted)
+        if self._process.is_alive() and self.info:  # ready: ask it to finish cleanly
             try:
                 self._commands.send(("stop", None))
             except OSError:
@@ -161,7 +214,9 @@ class EngineProcess:
                 return
             if kind == "stopped":
                 return
-            self._stats = stats
+            self._stats, self._heard = stats, time.monotonic()
+            if kind == "pong":
+                continue
             outputs = []
             with self._lock:
                 for sid, tokens, logprobs, prompt_logprobs, finish_reason, error in payload:
@@ -180,13 +235,30 @@ class EngineProcess:
             self.on_outputs(failed)
 
 
-def build_process_service(spec: ModelSpec, model_id: str, config: ServeConfig, load: Loader = load_model) -> Service:
+def build_process_service(
+    spec: ModelSpec, model_id: str, config: ServeConfig, http: HTTPConfig | None = None, load: Loader = load_model
+) -> Service:
     """The Service over an engine process (started and warmed up; outputs flow after start()),
     whose model `load` loads (default: gpt2.inference.load.load_model)."""
-    holder: list[Service] = []
-    engine = EngineProcess(spec, config, lambda outputs: holder[0].on_outputs(outputs), load=load)
-    holder.append(Service(engine, model_id, engine.info["block_size"], engine.info["vocab_size"]))
-    return holder[0]
+    service = Service(None, model_id, http=http)
+    engine = EngineProcess(spec, config, service.on_outputs, load=load)
+    service.attach(engine, engine.info["block_size"], engine.info["vocab_size"])
+    return service
+
+
+def process_loader(spec: ModelSpec, config: ServeConfig, on_ready=None, load: Loader = load_model):
+    """A Service loader (see Service.loader) that starts the engine process after the server listens:
+    /health answers 503 "starting" until the model is loaded and warmed up; on_ready(info) then."""
+
+    def start(service: Service) -> None:
+        engine = EngineProcess(spec, config, service.on_outputs, load=load, wait=False)
+        service.pending = engine  # so that a shutdown during start-up stops it
+        info = engine.wait_ready()
+        service.attach(engine, info["block_size"], info["vocab_size"])
+        if on_ready is not None:
+            on_ready(info)
+
+    return start
 
 
 # --- the child process -----------------------------------------------------------------------------
@@ -238,6 +310,12 @@ def _child_main(spec: ModelSpec, load: Loader, config: dict, commands, outputs) 
     except Exception as e:  # tell the parent instead of leaving it waiting
         outputs.send(("failed", f"{type(e).__name__}: {e}"))
         return
+    _serve_commands(engine, commands, outputs, send_lock, on_outputs)
+
+
+def _serve_commands(engine, commands, outputs, send_lock: threading.Lock, on_outputs) -> None:
+    """The child's main thread once the engine runs: submit, cancel and ping (health's heartbeat)
+    from the HTTP process, until it says stop or goes away."""
     while True:
         try:
             kind, payload = commands.recv()
@@ -251,6 +329,9 @@ def _child_main(spec: ModelSpec, load: Loader, config: dict, commands, outputs) 
                 on_outputs([Output(r, [], finish_reason="error", error=f"{type(e).__name__}: {e}") for r in requests])
         elif kind == "cancel":
             engine.cancel(payload)
+        elif kind == "ping":
+            with send_lock:
+                outputs.send(("pong", None, engine.stats()))
         else:
             engine.stop()
             with send_lock:

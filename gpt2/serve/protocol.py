@@ -1,4 +1,5 @@
-"""The OpenAI completions protocol: parsing and checking a request body, and the error shape.
+"""The OpenAI completions protocol: parsing and checking a request body, and the error shape
+(/v1/chat/completions adds its messages in gpt2.serve.chat and shares the rest).
 
 Every field the server knows is checked for type and range here, with a message that names the
 field (`param`), so a bad request is one 400 answer and never reaches the engine. Unknown fields
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_TOKEN_BYTES = 128  # bytes of the longest GPT-2 token (tested against the rank file)
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOPS = 16
@@ -87,10 +89,48 @@ def short(x: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def parse_completion(body: Any, *, model_id: str, tokenizer, block_size: int, vocab_size: int) -> CompletionParams:
-    """Check a decoded JSON body; raise APIError (400, or 404 for another model's name)."""
+def parse_completion(
+    body: Any, *, model_id: str, tokenizer, block_size: int, vocab_size: int, max_sequences: int | None = None
+) -> CompletionParams:
+    """Check a decoded JSON body; raise APIError (400, or 404 for another model's name). A request
+    of more than max_sequences (prompts x n) is refused before any prompt is tokenized."""
+    model = check_model(check_object(body), model_id)
+    refuse_unsupported(body)
+    if max_sequences is not None:
+        _check_sequences(body, max_sequences)
+    if body.get("suffix") not in (None, ""):
+        raise invalid("'suffix' (insertion) is not supported by this server", "suffix", "unsupported")
+    prompts = _prompts(body.get("prompt"), tokenizer, vocab_size, block_size)
+    p = CompletionParams(model=model, prompts=prompts, max_tokens=0)
+    sampling_fields(body, p)
+    p.echo = _field(body, "echo", lambda x: isinstance(x, bool), "a boolean", False)
+    p.logprobs = _field(body, "logprobs", _is_int, "an integer")
+    if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
+        raise invalid(f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {p.logprobs}", "logprobs")
+    p.max_tokens = max_tokens(body, prompts, block_size, "max_tokens", DEFAULT_MAX_TOKENS)
+    return p
+
+
+def _check_sequences(body: dict, max_sequences: int) -> None:
+    prompt, n = body.get("prompt"), body.get("n", 1)
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not _is_int(prompt[0]) else 1
+    n = n if _is_int(n) and n > 0 else 1  # a bad n is named by its own check
+    if prompts * n > max_sequences:
+        raise invalid(
+            f"{prompts} prompts x n={n} is {prompts * n} sequences; this server queues at most {max_sequences} "
+            "(--max-queue): send fewer prompts per request",
+            "prompt",
+        )
+
+
+def check_object(body: Any) -> dict:
     if not isinstance(body, dict):
         raise invalid(f"the request body must be a JSON object, got {json_type(body)}", None, "invalid_type")
+    return body
+
+
+def check_model(body: dict, model_id: str) -> str:
+    """The request's model (default: the server's); 404 for any other name."""
     model = _field(body, "model", lambda x: isinstance(x, str), "a string", model_id)
     if model != model_id:
         raise APIError(
@@ -99,9 +139,11 @@ def parse_completion(body: Any, *, model_id: str, tokenizer, block_size: int, vo
             param="model",
             code="model_not_found",
         )
-    _refuse_unsupported(body)
-    prompts = _prompts(body.get("prompt"), tokenizer, vocab_size)
-    p = CompletionParams(model=model, prompts=prompts, max_tokens=0)
+    return model
+
+
+def sampling_fields(body: dict, p: CompletionParams) -> None:
+    """The fields /v1/completions and /v1/chat/completions share, checked into p."""
     p.temperature = float(_field(body, "temperature", _is_number, "a number", 1.0))
     if not math.isfinite(p.temperature) or p.temperature < 0:
         raise invalid(f"'temperature' must be a finite number >= 0 (0 = greedy), got {p.temperature}", "temperature")
@@ -118,20 +160,16 @@ def parse_completion(body: Any, *, model_id: str, tokenizer, block_size: int, vo
     seed = _field(body, "seed", _is_int, "an integer")
     p.seed = None if seed is None else seed % 2**63
     p.stream = _field(body, "stream", lambda x: isinstance(x, bool), "a boolean", False)
-    p.echo = _field(body, "echo", lambda x: isinstance(x, bool), "a boolean", False)
     p.ignore_eos = _field(body, "ignore_eos", lambda x: isinstance(x, bool), "a boolean", False)
-    p.logprobs = _field(body, "logprobs", _is_int, "an integer")
-    if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
-        raise invalid(f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {p.logprobs}", "logprobs")
     options = _field(body, "stream_options", lambda x: isinstance(x, dict), "an object", {})
-    p.include_usage = bool(options.get("include_usage", False))
-    p.max_tokens = _max_tokens(body, prompts, block_size)
-    return p
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise invalid("'stream_options.include_usage' must be a boolean", "stream_options", "invalid_type")
+    p.include_usage = include_usage
 
 
-def _refuse_unsupported(body: dict) -> None:
-    if body.get("suffix") not in (None, ""):
-        raise invalid("'suffix' (insertion) is not supported by this server", "suffix", "unsupported")
+def refuse_unsupported(body: dict) -> None:
+    """400 for OpenAI features this server does not have (rather than silently ignoring them)."""
     best_of, n = body.get("best_of"), body.get("n", 1)
     if best_of is not None and best_of != n:
         raise invalid("'best_of' other than n is not supported by this server", "best_of", "unsupported")
@@ -143,7 +181,7 @@ def _refuse_unsupported(body: dict) -> None:
             raise invalid(f"'{name}' is not supported by this server (only 0)", name, "unsupported")
 
 
-def _prompts(prompt: Any, tokenizer, vocab_size: int) -> list[list[int]]:
+def _prompts(prompt: Any, tokenizer, vocab_size: int, block_size: int) -> list[list[int]]:
     """The prompt as token-id lists: a string, a list of strings, a list of ids or a list of id lists."""
     what = "a string, an array of strings, an array of token ids or an array of token-id arrays"
     if prompt is None:
@@ -156,8 +194,13 @@ def _prompts(prompt: Any, tokenizer, vocab_size: int) -> list[list[int]]:
     for i, p in enumerate(prompt):
         where = "'prompt'" if len(prompt) == 1 else f"'prompt[{i}]'"
         if isinstance(p, str):
+            check_text_length(p, block_size, "prompt")
             ids = tokenizer.encode(p)
+            if len(ids) > block_size:  # before tokenizing the other prompts
+                raise _too_long(len(ids), block_size)
         elif isinstance(p, list) and all(_is_int(t) for t in p):
+            if len(p) > block_size:  # before looking at every id of a huge list
+                raise _too_long(len(p), block_size)
             bad = [t for t in p if not 0 <= t < vocab_size]
             if bad:
                 raise invalid(f"{where} has token id {bad[0]} outside the vocabulary [0, {vocab_size})", "prompt")
@@ -181,25 +224,44 @@ def _stops(stop: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _max_tokens(body: dict, prompts: list[list[int]], block_size: int) -> int:
-    """max_tokens checked against the context: prompt + max_tokens must fit block_size."""
-    P = max(len(p) for p in prompts)
-    if P > block_size:
+def _too_long(P: int, block_size: int) -> APIError:
+    return invalid(
+        f"the prompt has {P} tokens, more than the model's context of {block_size} tokens; shorten the prompt",
+        "prompt",
+        "context_length_exceeded",
+    )
+
+
+def check_text_length(text: str, block_size: int, param: str) -> None:
+    """A text that cannot fit the context whatever its tokens (no token is longer than
+    MAX_TOKEN_BYTES bytes) is refused before it is tokenized: a 4 MB prompt costs no tokenizer time."""
+    limit = block_size * MAX_TOKEN_BYTES
+    if len(text) > limit or len(text.encode("utf-8", errors="surrogatepass")) > limit:
+        size = len(text.encode("utf-8", errors="surrogatepass"))
         raise invalid(
-            f"the prompt has {P} tokens, more than the model's context of {block_size} tokens; shorten the prompt",
-            "prompt",
+            f"the {param} has {size:,} bytes: more than the model's context of {block_size} tokens can hold "
+            f"(a token is at most {MAX_TOKEN_BYTES} bytes); shorten the {param}",
+            param,
             "context_length_exceeded",
         )
-    requested = _field(body, "max_tokens", _is_int, "an integer")
+
+
+def max_tokens(body: dict, prompts: list[list[int]], block_size: int, name: str, default: int | None) -> int:
+    """body[name] checked against the context: prompt + max_tokens must fit block_size (default None:
+    the rest of the context)."""
+    P = max(len(p) for p in prompts)
+    if P > block_size:
+        raise _too_long(P, block_size)
+    requested = _field(body, name, _is_int, "an integer")
     if requested is None:
-        return min(DEFAULT_MAX_TOKENS, block_size - P)
+        return block_size - P if default is None else min(default, block_size - P)
     if requested < 0:
-        raise invalid(f"'max_tokens' must be >= 0, got {requested}", "max_tokens")
+        raise invalid(f"'{name}' must be >= 0, got {requested}", name)
     if P + requested > block_size:
         raise invalid(
-            f"the prompt ({P} tokens) plus max_tokens ({requested}) is {P + requested} tokens, more than the "
-            f"model's context of {block_size}; lower max_tokens to at most {block_size - P}",
-            "max_tokens",
+            f"the prompt ({P} tokens) plus {name} ({requested}) is {P + requested} tokens, more than the "
+            f"model's context of {block_size}; lower {name} to at most {block_size - P}",
+            name,
             "context_length_exceeded",
         )
     return requested

@@ -12,7 +12,7 @@ from gpt2.inference.runner import BatchDecoder
 from gpt2.inference.scheduler import Sequence
 from gpt2.model import GPT
 from gpt2.serve.app import Service, create_app
-from gpt2.serve.config import ServeConfig
+from gpt2.serve.config import HTTPConfig, ServeConfig
 from gpt2.tokenizer import EOT_ID
 
 
@@ -37,12 +37,11 @@ def build_engine(model: GPT, config: ServeConfig, on_outputs) -> Engine:
     )
 
 
-def build_service(model: GPT, model_id: str, config: ServeConfig) -> Service:
+def build_service(model: GPT, model_id: str, config: ServeConfig, http: HTTPConfig | None = None) -> Service:
     """Engine (not started, in this process) and the Service the HTTP handlers share."""
-    holder: list[Service] = []
-    engine = build_engine(model, config, lambda outputs: holder[0].on_outputs(outputs))
-    holder.append(Service(engine, model_id, model.config.block_size, model.config.vocab_size))
-    return holder[0]
+    service = Service(None, model_id, http=http)
+    service.attach(build_engine(model, config, service.on_outputs), model.config.block_size, model.config.vocab_size)
+    return service
 
 
 def warm_up(service: Service) -> dict[str, float | int | str]:
@@ -83,16 +82,27 @@ def free_port() -> int:
 
 
 def run_server(service: Service, host: str, port: int, log_level: str = "info", access_log: bool = False) -> None:
-    """Serve until interrupted (uvicorn handles SIGINT / SIGTERM)."""
+    """Serve until interrupted (uvicorn handles SIGINT / SIGTERM). A service with a loader listens at
+    once and loads its engine meanwhile; if that fails, the server stops and this raises RuntimeError."""
     import uvicorn
 
-    uvicorn.run(create_app(service), host=host, port=port, log_level=log_level, access_log=access_log)
+    config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level, access_log=access_log)
+    server = uvicorn.Server(config)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    service.on_start_failed = stop
+    server.run()
+    if service.start_error is not None:
+        raise RuntimeError(f"the engine failed to start: {service.start_error}")
 
 
 class ServerThread:
     """uvicorn in a background thread on 127.0.0.1 (tests, benchmarks): `with ServerThread(s) as url:`."""
 
     def __init__(self, service: Service, port: int | None = None) -> None:
+        """A service with a loader starts listening before its engine is ready (see run_server)."""
         import uvicorn
 
         self.port = port or free_port()

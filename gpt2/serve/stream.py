@@ -1,6 +1,9 @@
 """One /v1/completions answer being built from engine outputs: JSON at the end, or SSE events.
 
-Choices are numbered prompt-major (prompt i, sample j -> index i * n + j), as OpenAI does.
+Choices are numbered prompt-major (prompt i, sample j -> index i * n + j), as OpenAI does. The
+response shapes are a few methods (`_chunk`, `_choice_json`, `_logprobs`, ...) that
+gpt2.serve.chat's ChatCompletion replaces with /v1/chat/completions' shapes; the bookkeeping (text,
+stop strings, finish reasons, cancelling, latency metrics) is shared.
 """
 
 from __future__ import annotations
@@ -56,13 +59,29 @@ class _Choice:
     finish_reason: str | None = None
     echoed: bool = False
     event_start: str = ""  # a per-token event up to its text
+    last: float | None = None  # when its latest token reached the event loop (latency metrics)
 
 
 class Completion:
     """The choices of one request; `collect()` for a JSON answer, `events()` for a stream."""
 
-    def __init__(self, service, params: CompletionParams, seqs: list[Sequence], ids: list[int], inbox, cid: str):
+    OBJECT, CHUNK_OBJECT = "text_completion", "text_completion"  # the JSON answer's and the chunks' "object"
+    TOKEN_EVENT_END = _TOKEN_EVENT_END
+
+    def __init__(
+        self,
+        service,
+        params: CompletionParams,
+        seqs: list[Sequence],
+        ids: list[int],
+        inbox,
+        cid: str,
+        arrival: float | None = None,
+    ):
         self.service, self.p, self.inbox, self.id = service, params, inbox, cid
+        self.metrics = service.metrics
+        self.arrival = time.perf_counter() if arrival is None else arrival  # perf_counter seconds
+        self._now = self.arrival  # when the outputs being applied reached the loop
         self.created = int(time.time())
         tok, table = service.tok, service.table
         self.choices = {
@@ -71,29 +90,41 @@ class Completion:
         }
         self.open = len(self.choices)
         self.error: str | None = None
-        head = {"id": cid, "object": "text_completion", "created": self.created, "model": params.model}
+        self.closed = False
+        head = {"id": cid, "object": self.CHUNK_OBJECT, "created": self.created, "model": params.model}
         self._head = json.dumps(head)[:-1] + ', "choices": ['  # every chunk's constant start
         for c in self.choices.values():
-            c.event_start = f'data: {self._head}{{"index": {c.index}, "text": '
+            c.event_start = self._event_start(c)
         # the common stream: per token only the text changes, and the table has it as JSON
         self._plain = params.stream and not params.echo and params.logprobs is None and not params.stop
+        self.metrics.prompt_tokens(sum(len(s.prompt) for s in seqs))
+
+    def _event_start(self, c: _Choice) -> str:
+        return f'data: {self._head}{{"index": {c.index}, "text": '
 
     def close(self) -> None:
-        """Stop whatever is still generating (client gone, or the answer is complete)."""
-        running = [c.seq_id for c in self.choices.values() if c.finish_reason is None]
+        """Stop whatever is still generating (client gone, or the answer is complete); once."""
+        if self.closed:
+            return
+        self.closed = True
+        running = [c for c in self.choices.values() if c.finish_reason is None]
         if running:
-            self.service.engine.cancel(running)
+            self.service.engine.cancel([c.seq_id for c in running])
+            self.metrics.finished("abort", len(running))
+        self.metrics.request_done(time.perf_counter() - self.arrival)
 
     async def collect(self) -> dict:
         while self.open:
-            for out in await self.inbox.take():
+            outputs = await self.inbox.take()
+            self._now = time.perf_counter()
+            for out in outputs:
                 self._apply(out, stream=False)
         if self.error:
             return {"error": self.error}
         choices = [self._choice_json(c) for c in sorted(self.choices.values(), key=lambda c: c.index)]
         return {
             "id": self.id,
-            "object": "text_completion",
+            "object": self.OBJECT,
             "created": self.created,
             "model": self.p.model,
             "choices": choices,
@@ -101,9 +132,14 @@ class Completion:
         }
 
     async def events(self) -> AsyncIterator[str]:
+        opening = self._opening()
+        if opening:
+            yield opening
         while self.open:
             chunks = []
-            for out in await self.inbox.take():  # all that arrived: one write
+            outputs = await self.inbox.take()  # all that arrived: one write
+            self._now = time.perf_counter()
+            for out in outputs:
                 chunks += self._apply(out, stream=True)
             if chunks:
                 yield "".join(chunks)
@@ -115,11 +151,25 @@ class Completion:
             tail.append(f'data: {self._head}], "usage": {json.dumps(self._usage())}}}\n\n')
         yield "".join(tail) + DONE
 
+    def _opening(self) -> str:
+        """Events before the first token (the chat stream's role chunks)."""
+        return ""
+
+    def _tick(self, c: _Choice) -> None:
+        """Latency metrics of a choice's new token(s): time to the first, or the gap since the last."""
+        if c.last is None:
+            self.metrics.first_token(self._now - self.arrival)
+        else:
+            self.metrics.inter_token(self._now - c.last)
+        c.last = self._now
+
     def _apply(self, out: Output, stream: bool) -> list[str]:
         """Take one engine output into its choice; the SSE events it makes (when streaming)."""
         c = self.choices[id(out.request)]
         if c.finish_reason is not None:
             return []  # e.g. tokens that were on their way when a stop string ended the choice
+        if out.tokens:
+            self._tick(c)
         if self._plain:
             events = self._plain_events(c, out.tokens)
             if out.finish_reason is not None:
@@ -153,7 +203,7 @@ class Completion:
         for token in tokens:
             piece = c.text.add([token])
             text = jsons[token] if piece is texts[token] else json.dumps(piece)
-            events.append(f"{c.event_start}{text}{_TOKEN_EVENT_END}")
+            events.append(f"{c.event_start}{text}{self.TOKEN_EVENT_END}")
         c.tokens += tokens
         return events
 
@@ -170,12 +220,13 @@ class Completion:
     def _finish(self, c: _Choice, reason: str, stream: bool) -> list[str]:
         c.finish_reason = reason
         self.open -= 1
+        self.metrics.finished(reason)
         rest = c.text.finish()
         return [self._chunk(c, rest, None, reason)] if stream else []
 
     def _chunk(self, c: _Choice, text: str, logprobs: dict | None, finish: str | None = None) -> str:
         if logprobs is None and finish is None:  # the per-token event: only the text needs encoding
-            return f"{c.event_start}{json.dumps(text)}{_TOKEN_EVENT_END}"
+            return f"{c.event_start}{json.dumps(text)}{self.TOKEN_EVENT_END}"
         choice = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return f"data: {self._head}{json.dumps(choice)}]}}\n\n"
 
