@@ -18,6 +18,7 @@ from gpt2.training import TrainingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 needs_kernels = pytest.mark.skipif(not kernels.available("cuda"), reason="needs CUDA and triton")
+gpu = pytest.mark.gpu
 
 
 def mlp_inputs(M: int, C: int, dtype: torch.dtype, device: str, seed: int) -> list[torch.Tensor]:
@@ -46,6 +47,7 @@ def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @needs_kernels
+@gpu
 @pytest.mark.parametrize("M,C", [(300, 96), (2048, 768), (1000, 1600)])
 def test_fused_mlp_matches_pytorch_in_float32(M, C):
     from gpt2.kernels.mlp import mlp
@@ -60,6 +62,7 @@ def test_fused_mlp_matches_pytorch_in_float32(M, C):
 
 
 @needs_kernels
+@gpu
 @pytest.mark.parametrize("M,C", [(4096, 768), (777, 1024)])
 def test_fused_mlp_in_bf16_is_no_further_from_float32_than_pytorch(M, C):
     """Under bf16 autocast the fused MLP and nn.Linear's bf16 path make rounding errors of the same size."""
@@ -76,6 +79,7 @@ def test_fused_mlp_in_bf16_is_no_further_from_float32_than_pytorch(M, C):
 
 
 @needs_kernels
+@gpu
 def test_a_model_with_fused_mlps_computes_the_same_loss_and_gradients():
     torch.manual_seed(0)
     config = GPTConfig.from_name("tiny")
@@ -100,6 +104,7 @@ def test_a_model_with_fused_mlps_computes_the_same_loss_and_gradients():
 
 
 @needs_kernels
+@gpu
 def test_compiled_fused_training_step_under_bf16_autocast():
     """torch.compile traces through the custom ops; the loss equals the unfused compiled step's."""
     torch.manual_seed(0)
