@@ -1,5 +1,6 @@
-"""Autoregressive generation with a KV cache: sampling (temperature, top-k, top-p), batched
-prompts of different lengths (left-padded), stop at <|endoftext|>.
+"""Autoregressive generation with a KV cache: sampling (temperature, top-k, top-p, min-p),
+penalties (presence, frequency, repetition, logit bias, min_tokens), batched prompts of different
+lengths (left-padded), stop at <|endoftext|> and at stop token ids.
 
 Context longer than block_size: a prompt longer than the context is an error. When prompt +
 new tokens exceed block_size, generation goes on with a sliding window, as nanoGPT does: each
@@ -28,18 +29,47 @@ from torch import Tensor, nn
 from gpt2.attention import KVCache
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError for sampling settings that make no sense."""
+def check_sampling_args(
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None = None,
+    *,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logit_bias: dict[int, float] | None = None,
+    min_tokens: int = 0,
+) -> None:
+    """Raise ValueError for sampling settings that make no sense (the ranges are OpenAI's and vLLM's)."""
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (or unset for no limit), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:  # also refuses nan
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not -2.0 <= value <= 2.0:
+            raise ValueError(f"{name} must be in [-2, 2], got {value}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be > 0 and finite (1 = none), got {repetition_penalty}")
+    for token, bias in (logit_bias or {}).items():
+        if not -100.0 <= bias <= 100.0:
+            raise ValueError(f"logit_bias of token {token} must be in [-100, 100], got {bias}")
+    if min_tokens < 0:
+        raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
 
 
-def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
-    """logits (B, V) with everything outside the top-k and outside the top-p nucleus set to -inf."""
+def filter_logits(
+    logits: Tensor, top_k: int | None = None, top_p: float | None = None, min_p: float | None = None
+) -> Tensor:
+    """logits (B, V) with everything below min_p x the most likely token's probability, outside the
+    top-k and outside the top-p nucleus (of what is left) set to -inf, in that order (vLLM's)."""
+    if min_p is not None and min_p > 0:
+        probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -54,17 +84,51 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     return logits
 
 
+def penalize_logits(
+    logits: Tensor,
+    prompt: Tensor,
+    valid: Tensor,
+    generated: Tensor,
+    *,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logit_bias: dict[int, float] | None = None,
+    suppress: tuple[int, ...] = (),
+) -> Tensor:
+    """Float logits (B, V) after, in vLLM's order: logit_bias added; the `suppress` ids set to -inf
+    (end of text and stop ids before min_tokens); repetition_penalty over every token of the prompt
+    (B, P; valid (B, P)) and of the generated tokens (B, n) (HF / CTRL: a positive logit divided by
+    it, a negative one multiplied); frequency x count and presence x (count > 0) over the generated
+    tokens subtracted (OpenAI's definition)."""
+    B, V = logits.size()
+    z = logits.float().clone()
+    for token, bias in (logit_bias or {}).items():
+        z[:, token] += bias
+    if suppress:
+        z[:, list(suppress)] = float("-inf")
+    counts = torch.zeros(B, V, device=z.device).scatter_add_(1, generated, torch.ones_like(generated, dtype=z.dtype))
+    in_prompt = torch.zeros(B, V, device=z.device).scatter_add_(1, prompt, valid.float())
+    seen = (counts > 0) | (in_prompt > 0)  # (B, V)
+    rep = torch.full((B, 1), repetition_penalty, device=z.device)  # per row, as the engine holds it
+    z = torch.where(seen, torch.where(z > 0, z / rep, z * rep), z)
+    frequency = torch.full((B, 1), frequency_penalty, device=z.device)
+    presence = torch.full((B, 1), presence_penalty, device=z.device)
+    return z - (frequency * counts + presence * (counts > 0))
+
+
 def sample_next(
     logits: Tensor,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    min_p: float | None = None,
 ) -> Tensor:
     """Next token ids (B,) from last-position logits (B, V); greedy when temperature == 0."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p, min_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
@@ -150,19 +214,34 @@ def generate_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
+    stop_token_ids: tuple[int, ...] = (),
+    min_tokens: int = 0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logit_bias: dict[int, float] | None = None,
     use_cache: bool = True,
     on_tokens: Callable[[Tensor], None] | None = None,
     **removed,
 ) -> Tensor:
     """Generate from left-padded tokens (B, P) with valid (B, P); return the new tokens (B, N),
     N <= max_new_tokens. With eos_id, a sequence that produced it gets eos_id from then on, and
-    generation ends once every sequence has. on_tokens receives each step's tokens (B,).
+    generation ends once every sequence has; a token of stop_token_ids ends a sequence the same
+    way (it gets that token from then on). Before min_tokens new tokens, eos_id and the stop ids
+    are never drawn. The penalties are penalize_logits'. on_tokens receives each step's tokens (B,).
     use_cache=False recomputes the whole window every step (the reference of the reference).
     """
     _warn_removed(removed)
-    check_sampling_args(temperature, top_k, top_p)
+    penalties = dict(
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        repetition_penalty=repetition_penalty,
+        logit_bias=logit_bias,
+    )
+    check_sampling_args(temperature, top_k, top_p, min_p, min_tokens=min_tokens, **penalties)
     block_size = model.config.block_size
     B, P = tokens.size()
     if P > block_size:
@@ -172,36 +251,65 @@ def generate_tokens(
     if max_new_tokens == 0:
         return tokens.new_zeros((B, 0))
     device = tokens.device
-    dtype = next(model.parameters()).dtype
+    stops = stop_ids(eos_id, stop_token_ids)
+    penalized = presence_penalty != 0 or frequency_penalty != 0 or repetition_penalty != 1 or bool(logit_bias)
+    penalized = penalized or (min_tokens > 0 and bool(stops))
     S = min(P + max_new_tokens, block_size)  # positions the cache serves; past them the window slides
-    # Cache columns rounded up to a multiple of 16 (never attended): SDPA's memory-efficient kernel
-    # wants the mask's rows 16-aligned and would otherwise pad the mask in every layer of every step.
-    cache = KVCache(model.config, B, -(-S // 16) * 16, device=device, dtype=dtype)
-    logits = prefill(model, tokens, valid, cache)  # (B, V)
-    decoder = EagerDecoder(model, cache, valid) if use_cache else None
+    logits, decoder = _start(model, tokens, valid, S, use_cache)  # (B, V)
     out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    ended_by = torch.zeros(B, dtype=torch.long, device=device)  # the stop token of each finished row
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        if eos_id is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-            finished |= nxt == eos_id
+        if penalized:
+            suppress = stops if step < min_tokens else ()
+            logits = penalize_logits(logits, tokens, valid, out[:, :step], suppress=suppress, **penalties)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
+        if stops:
+            nxt = torch.where(finished, ended_by, nxt)
+            ended_by = torch.where(finished, ended_by, nxt)
+            finished |= torch.isin(nxt, torch.tensor(stops, device=device))
         out[:, step] = nxt
         if on_tokens is not None:
             on_tokens(nxt)
         n = step + 1
-        check_eos = eos_id is not None and (on_tokens is not None or n % EOS_CHECK_EVERY == 0)
+        check_eos = stops and (on_tokens is not None or n % EOS_CHECK_EVERY == 0)
         if n == max_new_tokens or (check_eos and bool(finished.all())):
             break
         if decoder is not None and P + step < S:
             logits = decoder(nxt)
         else:  # no cache, or past the context: re-run the last block_size tokens
-            all_tokens = torch.cat([tokens, out[:, :n]], dim=1)  # (B, P + n)
-            all_valid = torch.cat([valid, torch.ones_like(out[:, :n], dtype=torch.bool)], dim=1)
-            window = slice(max(0, all_tokens.size(1) - block_size), None)
-            cache = KVCache(model.config, B, min(all_tokens.size(1), block_size), device=device, dtype=dtype)
-            logits = prefill(model, all_tokens[:, window], all_valid[:, window], cache)
-    return _cut_after_all_stopped(out[:, :n], eos_id)
+            logits = _window_logits(model, tokens, valid, out[:, :n])
+    return _cut_after_all_stopped(out[:, :n], stops)
+
+
+def stop_ids(eos_id: int | None, stop_token_ids: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The tokens that end a sequence: eos_id (when given) and the stop ids, each once."""
+    return tuple(dict.fromkeys(([] if eos_id is None else [eos_id]) + list(stop_token_ids)))
+
+
+def _start(
+    model: nn.Module, tokens: Tensor, valid: Tensor, S: int, use_cache: bool
+) -> tuple[Tensor, EagerDecoder | None]:
+    """Prefill a cache of S positions: the last logits (B, V) and the decoder that goes on from them."""
+    dtype = next(model.parameters()).dtype
+    # Cache columns rounded up to a multiple of 16 (never attended): SDPA's memory-efficient kernel
+    # wants the mask's rows 16-aligned and would otherwise pad the mask in every layer of every step.
+    cache = KVCache(model.config, tokens.size(0), -(-S // 16) * 16, device=tokens.device, dtype=dtype)
+    logits = prefill(model, tokens, valid, cache)  # (B, V)
+    return logits, (EagerDecoder(model, cache, valid) if use_cache else None)
+
+
+def _window_logits(model: nn.Module, tokens: Tensor, valid: Tensor, new: Tensor) -> Tensor:
+    """The next logits (B, V) from the last block_size tokens of prompt (B, P) + new (B, n), re-encoded."""
+    block_size = model.config.block_size
+    all_tokens = torch.cat([tokens, new], dim=1)  # (B, P + n)
+    all_valid = torch.cat([valid, torch.ones_like(new, dtype=torch.bool)], dim=1)
+    window = slice(max(0, all_tokens.size(1) - block_size), None)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(
+        model.config, tokens.size(0), min(all_tokens.size(1), block_size), device=tokens.device, dtype=dtype
+    )
+    return prefill(model, all_tokens[:, window], all_valid[:, window], cache)
 
 
 # Keywords of the fast path that lived here (StaticDecoder); it is gpt2.inference's engine now.
@@ -222,20 +330,20 @@ def _warn_removed(removed: dict) -> None:
         )
 
 
-def _cut_after_all_stopped(out: Tensor, eos_id: int | None) -> Tensor:
-    """out (B, n) cut after the step at which the last sequence produced eos_id, if all have."""
-    if eos_id is None:
+def _cut_after_all_stopped(out: Tensor, stops: tuple[int, ...]) -> Tensor:
+    """out (B, n) cut after the step at which the last sequence produced a stop token, if all have."""
+    if not stops:
         return out
-    hit = out == eos_id  # (B, n)
+    hit = torch.isin(out, torch.tensor(stops, device=out.device))  # (B, n)
     if not bool(hit.any(dim=1).all()):
         return out
-    first = hit.int().argmax(dim=1)  # (B,) each sequence's first eos_id
+    first = hit.int().argmax(dim=1)  # (B,) each sequence's first stop token
     return out[:, : int(first.max()) + 1]
 
 
 def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
     """idx (B, T) -> (B, T + N): idx followed by up to max_new_tokens sampled tokens.
-    Keywords as generate_tokens (temperature, top_k, top_p, generator, eos_id, use_cache, on_tokens)."""
+    Keywords as generate_tokens (temperature, top_k, top_p, min_p, penalties, generator, eos_id, ...)."""
     valid = torch.ones_like(idx, dtype=torch.bool)
     new = generate_tokens(model, idx, valid, max_new_tokens, **kwargs)
     return torch.cat([idx, new], dim=1)
@@ -244,12 +352,10 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, **kwargs) -> Te
 def generate_batch(
     model: nn.Module, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 50256, **kwargs
 ) -> list[list[int]]:
-    """Continue prompts of different lengths in one batch; return each one's new tokens (cut
-    after eos_id when given)."""
+    """Continue prompts of different lengths in one batch; return each one's new tokens (cut after
+    the first stop token, eos_id or one of stop_token_ids, when given)."""
     device = next(model.parameters()).device
     tokens, valid = left_pad(prompts, pad_id)
     new = generate_tokens(model, tokens.to(device), valid.to(device), max_new_tokens, **kwargs).tolist()
-    eos_id = kwargs.get("eos_id")
-    if eos_id is not None:
-        new = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in new]
-    return new
+    stops = set(stop_ids(kwargs.get("eos_id"), kwargs.get("stop_token_ids", ())))
+    return [next((row[: i + 1] for i, t in enumerate(row) if t in stops), row) for row in new]

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from gpt2 import GPT, GPTConfig, kernels
-from gpt2.inference.runner import BatchDecoder, DecodeState, SlotCache, decode_step
+from gpt2.inference.runner import BatchDecoder, SlotCache, decode_step
 from gpt2.inference.sampling import GREEDY
+from gpt2.inference.state import DecodeState
 
 needs_kernels = pytest.mark.skipif(not kernels.available("cuda"), reason="needs CUDA and triton")
 
@@ -48,7 +49,7 @@ def step_inputs(model: GPT, positions: list[int], seed: int = 1) -> tuple[SlotCa
     cache = SlotCache(model, len(positions) + 1, torch.device("cuda"), dtype)
     for t in cache.k + cache.v:
         t.copy_(torch.randn(t.shape, generator=g, device="cuda"))
-    state = DecodeState(len(positions) + 2, torch.device("cuda"))
+    state = DecodeState(len(positions) + 2, torch.device("cuda"), model.config.vocab_size)
     M = len(positions)
     state.token[:M] = torch.randint(0, model.config.vocab_size, (M,), generator=g, device="cuda")
     state.pos[:M] = torch.tensor(positions, device="cuda")

@@ -37,6 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below MIN_P x the most likely one's probability (0..1)"
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages tokens of the prompt and the text so far (HF / vLLM's; 1 = none)",
+    )
+    parser.add_argument(
+        "--presence-penalty", type=float, default=0.0, help="subtracted from tokens generated so far (-2..2, OpenAI's)"
+    )
+    parser.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="x how often a token was generated, subtracted (-2..2, OpenAI's)",
+    )
+    parser.add_argument("--min-tokens", type=int, default=0, help="no <|endoftext|> before this many new tokens")
     parser.add_argument("--seed", type=int, default=1337, help="as a server request's seed: same seed, same text")
     parser.add_argument("--no-stop", action="store_true", help="keep going past <|endoftext|>")
     parser.add_argument(
@@ -63,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--num-samples and --max-new-tokens must be >= 1")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be in 0..{2**63 - 1}, got {args.seed}")
-    if not 0 <= args.seed < 2**63:
-        raise ValueError(f"--seed must be in 0..{2**63 - 1}, got {args.seed}")
+    if args.min_tokens > args.max_new_tokens:
+        raise ValueError(f"--min-tokens ({args.min_tokens}) must be at most --max-new-tokens ({args.max_new_tokens})")
     tok = Tokenizer()
     seqs = sequences(  # checks the sampling settings before anything is loaded
         [tok.encode(t) for t in texts],
@@ -75,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop_at_eos=not args.no_stop,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        min_tokens=args.min_tokens,
     )
     device = pick_device(args.device)
     graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]

@@ -37,9 +37,11 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from gpt2.inference.runner import BatchDecoder, to_device, to_host
-from gpt2.inference.sampling import encode_settings, logprob_list, mode_of, sample, top_logprobs
-from gpt2.inference.scheduler import Output, QueueFull, Running, Scheduler, Sequence
+from gpt2.inference import penalties
+from gpt2.inference.runner import BatchDecoder
+from gpt2.inference.sampling import PENALIZE, encode_settings, logprob_list, mode_of, sample, top_logprobs
+from gpt2.inference.scheduler import Output, QueueFull, Running, Scheduler, Sequence, union
+from gpt2.inference.state import to_device, to_host
 
 __all__ = ["STEP_BUCKETS_S", "Engine", "EngineClient", "Output", "QueueFull", "Sequence"]
 
@@ -110,11 +112,12 @@ class Engine:
         self.scheduler = Scheduler(
             decoder.max_batch,
             eos_id=eos_id,
-            mode_of=lambda s: mode_of(s.temperature, s.top_k, s.top_p, V),
+            mode_of=lambda s: mode_of(s, V),
             max_queue=max_queue,
             batch_invariant=batch_invariant,
         )
         self._pending: deque[_Pending] = deque()
+        self._dirty: set[int] = set()  # slots whose penalty buffers a penalized sequence left non-neutral
         # Passes in flight are few (a decode step, a prefill, the next decode step): their tokens come
         # back into a ring of host buffers (pinned on CUDA) and their events are reused, so a step
         # allocates nothing.
@@ -135,7 +138,10 @@ class Engine:
     # --- called from other threads -------------------------------------------------------------
 
     def submit(self, requests: list[Sequence]) -> list[int]:
-        """Queue the sequences (all or none); returns their ids for cancel(). Raises QueueFull."""
+        """Queue the sequences (all or none); returns their ids for cancel(). Raises QueueFull, or
+        ValueError for settings that make no sense (a token id outside the vocabulary, ...)."""
+        for s in requests:
+            penalties.check(s, self.vocab_size)
         return self.scheduler.submit(requests)
 
     def cancel(self, ids: list[int]) -> None:
@@ -246,10 +252,14 @@ class Engine:
         echo = [i for i, r in enumerate(reqs) if r.prompt_logprobs is not None and len(r.prompt) > 1]
         last, hidden = d.prefill([s.slot for s in seqs], [r.prompt for r in reqs], hidden=bool(echo))  # (n, V)
         slots = to_device(torch.tensor([s.slot for s in seqs]), self.device)
+        mode = union(s.mode for s in seqs)
+        d.state.write(slots, **encode_settings(reqs, self.vocab_size))
+        self._start_penalties(seqs)
         index = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
-        settings = {k: to_device(v, self.device) for k, v in encode_settings(reqs, self.vocab_size).items()}
-        tokens = sample(last, settings, index, max(s.mode for s in seqs))  # (n,)
-        d.state.write(slots, token=tokens, pos=torch.tensor([len(r.prompt) for r in reqs]), **settings)
+        tokens = sample(last, d.state.settings(slots, penalized=bool(mode & PENALIZE)), index, mode)  # (n,)
+        if mode & PENALIZE:
+            d.state.count(slots, tokens)
+        d.state.write(slots, token=tokens, pos=torch.tensor([len(r.prompt) for r in reqs]))
         d.state.index.index_fill_(0, slots, 1)
         pending = self._pending_for(list(enumerate(seqs)), tokens, last, first=True)
         for i in echo:  # the prompt's own log-probabilities: logits at every position but the last
@@ -258,6 +268,20 @@ class Engine:
             logits = d.logits_of(hidden[i, : len(r.prompt) - 1])  # (P - 1, V)
             pending.prompt_logprobs[i] = to_host(top_logprobs(logits, target, max(1, r.prompt_logprobs)))
         self._record(pending)
+
+    def _start_penalties(self, seqs: list[Running]) -> None:
+        """Penalized newcomers get their tables, counts and prompt tokens; a newcomer without
+        penalties only needs neutral buffers, so only a slot a penalized sequence has left is
+        cleared for it (a server that sees no penalties does none of this)."""
+        new = [s for s in seqs if s.mode & PENALIZE or s.slot in self._dirty]
+        if not new:
+            return
+        reqs, slots = [s.request for s in new], [s.slot for s in new]
+        table = penalties.encode_table(reqs, self.eos_id)
+        prompt = penalties.prompt_entries(reqs, slots)
+        self.decoder.state.start_penalties(to_device(torch.tensor(slots), self.device), table, prompt)
+        self._dirty.difference_update(slots)
+        self._dirty.update(s.slot for s in new if s.mode & PENALIZE)
 
     def _launch_decode(self) -> bool:
         """One decode step for every live slot that wants a token; False when none does."""

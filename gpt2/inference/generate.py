@@ -22,11 +22,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from gpt2.generation import check_sampling_args
+from gpt2.inference import penalties
 from gpt2.inference.engine import Engine
 from gpt2.inference.runner import BatchDecoder, bucket_for
-from gpt2.inference.sampling import choice_seed, encode_settings, mode_of, sample
-from gpt2.inference.scheduler import Output, Sequence
+from gpt2.inference.sampling import PENALIZE, choice_seed, encode_settings, mode_of, sample
+from gpt2.inference.scheduler import Output, Sequence, stop_kind, union
+from gpt2.inference.state import DecodeState
 from gpt2.model import GPT
 
 
@@ -63,24 +64,23 @@ def sequences(
     top_p: float | None = None,
     seed: int = 0,
     stop_at_eos: bool = True,
+    **settings,
 ) -> list[Sequence]:
-    """The engine sequences of a generation (checked): num_samples per prompt, each its own seed."""
-    check_sampling_args(temperature, top_k, top_p)
+    """The engine sequences of a generation (checked; vocabulary ids are the engine's to check):
+    num_samples per prompt, each its own seed. settings: Sequence's other sampling fields (min_p,
+    presence_penalty, frequency_penalty, repetition_penalty, logit_bias, min_tokens, stop_token_ids)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (an empty prompt can be '<|endoftext|>')")
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples} and {max_new_tokens}")
-    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos)
-    return [
-        Sequence(
-            p,
-            max_new_tokens,
-            seed=choice_seed(seed, i * num_samples + j),
-            **settings,
-        )
+    settings |= dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos)
+    seqs = [
+        Sequence(p, max_new_tokens, seed=choice_seed(seed, i * num_samples + j), **settings)
         for i, p in enumerate(prompts)
         for j in range(num_samples)
     ]
+    penalties.check(seqs[0])  # the settings are every sequence's; the engine checks the token ids
+    return seqs
 
 
 @torch.no_grad()
@@ -153,7 +153,7 @@ def _decode_shapes(decoder: BatchDecoder, seqs: list[Sequence]) -> list[tuple[in
     if not stepped:
         return []
     V = decoder.model.config.vocab_size
-    mode = max(mode_of(s.temperature, s.top_k, s.top_p, V) for s in seqs)
+    mode = union(mode_of(s, V) for s in seqs)
     B = decoder.shape_for(len(seqs), 1)[0]
     first = bucket_for(min(len(s.prompt) for s in stepped) + 1, decoder.length_buckets)
     last = bucket_for(max(len(s.prompt) + s.max_tokens - 1 for s in stepped), decoder.length_buckets)
@@ -169,26 +169,50 @@ def _slide(
     clock: list[float],
 ) -> None:
     """Continue the sequences the context cut short (finish "length" before max_tokens) one token
-    per step, each from its last block_size tokens, sampled as the engine samples (seed, index)."""
+    per step, each from its last block_size tokens, sampled as the engine samples (seed, index,
+    penalties over the whole prompt and everything generated)."""
     block = model.config.block_size
-    V = model.config.vocab_size
     device = next(model.parameters()).device
     rows = [i for i, s in enumerate(seqs) if out.finish_reasons[i] == "length" and len(out.tokens[i]) < s.max_tokens]
+    if not rows:
+        return
+    state, mode = _slide_state(model, [seqs[i] for i in rows], [out.tokens[i] for i in rows], eos_id)
+    row_of = {i: r for r, i in enumerate(rows)}  # sequence -> its row of state
     while rows:
         window = torch.tensor([(seqs[i].prompt + out.tokens[i])[-block:] for i in rows], device=device)  # (R, block)
         logits = model.lm_head(model.hidden_states(window)[:, -1])  # (R, V)
-        settings = {k: v.to(device) for k, v in encode_settings([seqs[i] for i in rows], V).items()}
+        active = torch.tensor([row_of[i] for i in rows], device=device)
         index = torch.tensor([len(out.tokens[i]) for i in rows], device=device)
-        mode = max(mode_of(seqs[i].temperature, seqs[i].top_k, seqs[i].top_p, V) for i in rows)
+        nxt = sample(logits, state.settings(active, penalized=bool(mode & PENALIZE)), index, mode)
+        if mode & PENALIZE:
+            state.count(active, nxt)
         going = []
-        for i, token in zip(rows, sample(logits, settings, index, mode).tolist()):
-            if token == eos_id and seqs[i].stop_at_eos:
+        for i, token in zip(rows, nxt.tolist()):
+            stop = stop_kind(seqs[i], token, eos_id)
+            if stop != "eos":
+                out.tokens[i].append(token)
+                clock.append(time.perf_counter())
+                if on_tokens is not None:
+                    on_tokens(i, [token])
+            if stop is not None:
                 out.finish_reasons[i] = "stop"
-                continue
-            out.tokens[i].append(token)
-            clock.append(time.perf_counter())
-            if on_tokens is not None:
-                on_tokens(i, [token])
-            if len(out.tokens[i]) < seqs[i].max_tokens:
+            elif len(out.tokens[i]) < seqs[i].max_tokens:
                 going.append(i)
         rows = going
+
+
+def _slide_state(model: GPT, seqs: list[Sequence], generated: list[list[int]], eos_id: int) -> tuple[DecodeState, int]:
+    """Per-row sampling state of sequences (row r: seqs[r]) that have generated these tokens, as
+    the engine's buffers hold it; and the sampling mode that serves them all."""
+    V = model.config.vocab_size
+    device = next(model.parameters()).device
+    R = len(seqs)
+    state, ids = DecodeState(R, device, V), torch.arange(R, device=device)
+    state.write(ids, **encode_settings(seqs, V))
+    mode = union(mode_of(s, V) for s in seqs)
+    if mode & PENALIZE:
+        state.start_penalties(ids, penalties.encode_table(seqs, eos_id), penalties.prompt_entries(seqs, list(range(R))))
+        for j in range(max(len(g) for g in generated)):  # the tokens so far, in order
+            have = [r for r, g in enumerate(generated) if j < len(g)]
+            state.count(torch.tensor(have, device=device), torch.tensor([generated[r][j] for r in have], device=device))
+    return state, mode

@@ -7,9 +7,9 @@ slot b's new key/value go to column pos[b] of row b (not one shared column), and
 to columns 0..pos[b] only (a per-row additive mask built from pos).
 
 The step's state lives in fixed (max_batch,) buffers updated in place (tokens, positions, sampling
-settings, token indices): the step reads them, samples the next tokens on the device, writes them
-back as the next input and advances every row's position. The host
-therefore does not have to touch anything between two steps of the same sequences, and one CUDA
+settings, token indices; the penalties' (max_batch, V) token counts): the step reads them, samples
+the next tokens on the device, writes them back as the next input and advances every row's
+position. The host therefore does not have to touch anything between two steps of the same sequences, and one CUDA
 graph per (batch bucket, key-length bucket, sampling mode) replays a whole step: the live rows
 are padded up to the batch bucket (rows past the last live slot are not computed), the keys are
 read up to the length bucket (columns past every live row's length are not read). On CPUs the same
@@ -35,10 +35,10 @@ import torch
 from torch import Tensor
 
 from gpt2 import kernels
-from gpt2.inference.sampling import FILTER, GREEDY, ROW_SETTINGS, SAMPLE, sample
+from gpt2.inference import penalties
+from gpt2.inference.sampling import GREEDY, MODES, PENALIZE, sample
+from gpt2.inference.state import DecodeState
 from gpt2.model import GPT
-
-MODES = (GREEDY, SAMPLE, FILTER)
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -99,50 +99,6 @@ class SlotCache:
         return k_all[:B, :, : self.length], v_all[:B, :, : self.length]  # (B, nh, L, hs)
 
 
-class DecodeState:
-    """The per-slot buffers a decode step reads and updates in place, all (rows,): one per cache
-    slot, the scratch slot included: the step's input token, position and token index, and one
-    buffer per sampling setting (gpt2.inference.sampling.ROW_SETTINGS: temperature, top_k, ...)."""
-
-    def __init__(self, rows: int, device: torch.device) -> None:
-        long = dict(dtype=torch.long, device=device)
-        self.token = torch.zeros(rows, **long)  # input token of the next step
-        self.pos = torch.zeros(rows, **long)  # its position = its cache column
-        self.index = torch.zeros(rows, **long)  # tokens generated so far (the RNG counter)
-        for name, (dtype, unused) in ROW_SETTINGS.items():
-            setattr(self, name, torch.full((rows,), unused, dtype=dtype, device=device))
-
-    def settings(self, B: int) -> dict[str, Tensor]:
-        """The sampling settings of rows 0..B-1: ROW_SETTINGS' names -> views (B,)."""
-        return {name: getattr(self, name)[:B] for name in ROW_SETTINGS}
-
-    def write(self, slots: Tensor, **values: Tensor) -> None:
-        """Set fields at slots (n,) (on the device) from host tensors (n,), in stream order: no
-        synchronization (on CUDA the host tensors are pinned first, so the copy is asynchronous)."""
-        for name, value in values.items():
-            buf = getattr(self, name)
-            buf.index_copy_(0, slots, to_device(value.to(buf.dtype), buf.device))
-
-
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """t on device without waiting for the copy (pinned staging on CUDA; the caching host
-    allocator keeps the pinned block until the copy is done)."""
-    if device.type != "cuda" or t.device.type == "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def to_host(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Asynchronous copies of device tensors into pinned host memory (plain copies on a CPU)."""
-    if tensors[0].device.type != "cuda":
-        return tuple(t.clone() for t in tensors)
-    out = []
-    for t in tensors:
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        out.append(host.copy_(t, non_blocking=True))
-    return tuple(out)
-
-
 def decode_step(model: GPT, cache: SlotCache, state: DecodeState, out: Tensor, B: int, L: int, mode: int) -> Tensor:
     """One token for slots 0..B-1, keys read up to column L: next tokens go to out[:B] and to
     state.token, and every row advances. Rows of no live sequence compute garbage that nothing
@@ -155,8 +111,8 @@ def decode_step(model: GPT, cache: SlotCache, state: DecodeState, out: Tensor, B
     cache.mask = torch.where(allowed, cache.zero, cache.neg_inf)[:, None, None, :]  # (B, 1, 1, L)
     logits, _ = model(s.token[:B, None], positions=pos[:, None], cache=cache)  # (B, 1, V)
     logits = logits[:, -1, :]  # (B, V)
-    nxt = sample(logits, s.settings(B), s.index[:B], mode)
-    _advance(s, B, nxt, out, cache.block_size)
+    nxt = sample(logits, s.settings(B, penalized=bool(mode & PENALIZE)), s.index[:B], mode)
+    _advance(s, B, nxt, out, cache.block_size, mode)
     return logits
 
 
@@ -164,24 +120,32 @@ def fused_decode_step(
     model: GPT, cache: SlotCache, state: DecodeState, out: Tensor, B: int, L: int, mode: int
 ) -> Tensor:
     """decode_step in gpt2.kernels' fused kernels (CUDA + triton): 5 kernels per layer instead of
-    ~14, and a greedy step's end (argmax, next input, positions) in two. Each row reads its own
-    columns 0..pos[b]; L (a length bucket) only chooses whether attention is split over them."""
+    ~14, and a greedy step's end (argmax, next input, positions) in two (after the penalties, in
+    PyTorch ops, in a PENALIZE mode). Each row reads its own columns 0..pos[b]; L (a length
+    bucket) only chooses whether attention is split over them."""
     from gpt2.kernels.decode import decode_logits
     from gpt2.kernels.ops import greedy_advance
 
     s = state
     split = kernels.split_attention(B, model.config.n_head, L, s.pos.device)
     logits = decode_logits(model, cache.k, cache.v, s.token[:B], s.pos[:B], split)  # (B, V)
-    if mode == GREEDY:
-        greedy_advance(logits, out, s.token, s.pos, s.index, cache.block_size - 1)
+    penalized = bool(mode & PENALIZE)
+    if mode & ~PENALIZE == GREEDY:
+        z = penalties.penalize(logits, s.settings(B, penalized=True), s.index[:B]) if penalized else logits
+        greedy_advance(z, out, s.token, s.pos, s.index, cache.block_size - 1)
+        if penalized:
+            s.count(s.ids[:B], out[:B])
         return logits
-    nxt = sample(logits, s.settings(B), s.index[:B], mode)
-    _advance(s, B, nxt, out, cache.block_size)
+    nxt = sample(logits, s.settings(B, penalized=penalized), s.index[:B], mode)
+    _advance(s, B, nxt, out, cache.block_size, mode)
     return logits
 
 
-def _advance(s: DecodeState, B: int, nxt: Tensor, out: Tensor, block_size: int) -> None:
-    """After a step: its tokens (B,) to out and to the next input; every row moves one column on."""
+def _advance(s: DecodeState, B: int, nxt: Tensor, out: Tensor, block_size: int, mode: int) -> None:
+    """After a step: its tokens (B,) to out and to the next input (and, in a PENALIZE mode, to the
+    penalties' counts); every row moves one column on."""
+    if mode & PENALIZE:
+        s.count(s.ids[:B], nxt)
     out[:B].copy_(nxt)
     s.token[:B].copy_(nxt)
     s.pos[:B].add_(1).clamp_(max=block_size - 1)  # a dead row never runs off the positions
@@ -191,8 +155,9 @@ def _advance(s: DecodeState, B: int, nxt: Tensor, out: Tensor, block_size: int) 
 class BatchDecoder:
     """Prefill and decode passes over one SlotCache; on CUDA each pass shape is one CUDA graph.
 
-    cuda_graph: replay the shapes captured, every decode shape (batch bucket, length bucket, mode)
-    and every prefill shape (rows bucket, prompt bucket, within max_prefill_tokens) by capture_all
+    cuda_graph: replay the shapes captured, every decode shape (batch bucket, length bucket, mode
+    of gpt2.inference.sampling.MODES) and every prefill shape (rows bucket, prompt bucket, within
+    max_prefill_tokens) by capture_all
     at a server's start-up, or the ones a run needs by capture; other shapes run eagerly.
     compile: torch.compile the decode step first (dynamic shapes: two compilations per mode,
     batch 1 and the rest). batch_buckets: the batch sizes decode steps are padded to (default:
@@ -219,7 +184,7 @@ class BatchDecoder:
         self.max_batch = max_batch
         self.block_size = model.config.block_size
         self.cache = SlotCache(model, max_batch, self.device, self.dtype)
-        self.state = DecodeState(max_batch + 1, self.device)
+        self.state = DecodeState(max_batch + 1, self.device, model.config.vocab_size)
         self.out = torch.zeros(max_batch + 1, dtype=torch.long, device=self.device)  # last step's tokens
         self.logits = torch.zeros(max_batch, model.config.vocab_size, dtype=self.dtype, device=self.device)
         self.row_buckets = buckets(max_batch)  # a prefill's rows: only the newcomers

@@ -35,10 +35,18 @@ class Sequence:
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float = 0.0  # drop tokens below min_p x the most likely one's probability (sampled rows)
     seed: int = 0  # with the token index, the only input of the sampling noise
     logprobs: int | None = None  # report log p of each new token and this many alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo)
     stop_at_eos: bool = True
+    # penalties (gpt2.inference.penalties; the defaults change nothing)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # x how often it was generated, subtracted
+    repetition_penalty: float = 1.0  # HF / CTRL's, over prompt and generated tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    min_tokens: int = 0  # end of text and stop_token_ids are not drawn before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # these end the sequence too, and are part of its tokens
     handle: Any = None  # the caller's; passed back in every Output
 
 
@@ -50,7 +58,7 @@ class Output:
     tokens: list[int]
     logprobs: list[Logprob] | None = None  # per token in `tokens`
     prompt_logprobs: list[Logprob] | None = None  # prompt tokens 1.., first Output only
-    finish_reason: str | None = None  # "stop" (end of text), "length", "cancelled", "error"
+    finish_reason: str | None = None  # "stop" (end of text, a stop token id), "length", "cancelled", "error"
     error: str | None = None
 
 
@@ -80,13 +88,29 @@ class Running:
         return not self.done and self.launched < self.request.max_tokens
 
 
+def stop_kind(r: Sequence, token: int, eos_id: int) -> str | None:
+    """How `token` ends sequence r: "eos" (end of text: not one of its tokens), "id" (another of its
+    stop_token_ids: one of its tokens, as vLLM returns stop tokens that are not special), or None."""
+    if token == eos_id and (r.stop_at_eos or token in r.stop_token_ids):
+        return "eos"
+    return "id" if token in r.stop_token_ids else None
+
+
+def union(modes) -> int:
+    """The decode-step mode that serves every one of these modes (they are bit flags)."""
+    out = 0
+    for m in modes:
+        out |= m
+    return out
+
+
 class Scheduler:
     """Queue, slots and outputs of continuous batching over max_batch cache slots.
 
     submit and cancel may be called from any thread; everything else from the engine's thread.
     `changed` is notified whenever there is new work; the engine thread waits on it when idle.
-    mode_of gives a sequence's decode-step mode (gpt2.inference.sampling's GREEDY < SAMPLE < FILTER);
-    a decode step runs in the highest mode of its rows. batch_invariant: one newcomer per prefill,
+    mode_of gives a sequence's decode-step mode (gpt2.inference.sampling's bit flags); a decode step
+    runs in the union (bitwise or) of its rows' modes. batch_invariant: one newcomer per prefill,
     every decode step over all max_batch rows (results then never depend on the batch).
     """
 
@@ -178,9 +202,9 @@ class Scheduler:
 
     def step_extent(self, stepping: list[Running]) -> tuple[int, int, int]:
         """(rows, columns, mode) a decode step for these sequences must cover: slots 0..rows-1,
-        cache columns 0..columns-1, the highest sampling mode among them."""
+        cache columns 0..columns-1, the union of their sampling modes."""
         rows = self.max_batch if self.batch_invariant else max(s.slot for s in stepping) + 1
-        return rows, max(s.next_column for s in stepping) + 1, max(s.mode for s in stepping)
+        return rows, max(s.next_column for s in stepping) + 1, union(s.mode for s in stepping)
 
     def launched(self, stepping: list[Running]) -> None:
         """A decode step for these sequences is on its way."""
@@ -197,8 +221,10 @@ class Scheduler:
     ) -> list[Output]:
         """A pass's results: token ids by row of the pass, and per row (of sequences that asked)
         the new token's logprobs and, for a prefill pass (first), the prompt's. The Outputs they
-        make; sequences that stop (end of text, max_tokens) are finished and free their slots. A
-        sequence that stopped earlier gets nothing (on CUDA it runs one step more than it needs)."""
+        make; sequences that stop (end of text, a stop token id, max_tokens) are finished and free
+        their slots. End of text is never part of the tokens; another stop token id is (vLLM's
+        rule: stop tokens are returned unless they are special). A sequence that stopped earlier
+        gets nothing (on CUDA it runs one step more than it needs)."""
         outputs: list[Output] = []
         for row, seq in seqs:
             if seq.done:
@@ -212,13 +238,16 @@ class Scheduler:
                 continue
             token = tokens[row]
             seq.received += 1
-            if token == self.eos_id and r.stop_at_eos:
+            stop = stop_kind(r, token, self.eos_id)
+            if stop == "eos":
                 self._finish(seq, out, outputs, "stop")
                 continue
             out.tokens.append(token)
             if r.logprobs is not None:
                 out.logprobs = logprobs[row]
-            if seq.received == r.max_tokens:
+            if stop is not None:
+                self._finish(seq, out, outputs, "stop")
+            elif seq.received == r.max_tokens:
                 self._finish(seq, out, outputs, "length")
             else:
                 outputs.append(out)
