@@ -162,7 +162,13 @@ BAD_CHAT = [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "unsupported", "tools"),
     ({"response_format": {"type": "json_object"}}, "unsupported", "response_format"),
     ({"chat_template": "{{ messages }}"}, "unsupported", "chat_template"),
-    ({"frequency_penalty": 0.5}, "unsupported", "frequency_penalty"),
+    ({"frequency_penalty": 5}, "invalid_value", "frequency_penalty"),
+    ({"presence_penalty": -3}, "invalid_value", "presence_penalty"),
+    ({"repetition_penalty": 0}, "invalid_value", "repetition_penalty"),
+    ({"min_p": 2}, "invalid_value", "min_p"),
+    ({"logit_bias": {"x": 1}}, "invalid_value", "logit_bias"),
+    ({"stop_token_ids": [1e9]}, "invalid_type", "stop_token_ids"),
+    ({"min_tokens": 100, "max_tokens": 5}, "invalid_value", "min_tokens"),
     ({"add_generation_prompt": "yes"}, "invalid_type", "add_generation_prompt"),
 ]
 

@@ -53,8 +53,14 @@ def prompts(n, seed=0, max_len=20):
     return [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in lengths]
 
 
+# Penalties every other request has (i % 4): none, OpenAI's and vLLM's penalties, logit_bias and min_p.
+PENALTIES = [{}, dict(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2), {}]
+PENALTIES.append(dict(logit_bias={7: 3.0, 11: -5.0}, min_p=0.05, repetition_penalty=0.9))
+
+
 def mixed_requests(n, seed=0):
-    """Greedy, plain sampling and filtered sampling, different lengths and budgets."""
+    """Greedy, plain sampling and filtered sampling, with and without penalties, different lengths
+    and budgets."""
     out = []
     for i, p in enumerate(prompts(n, seed)):
         kind = i % 3
@@ -68,6 +74,7 @@ def mixed_requests(n, seed=0):
                 seed=1000 + i,
                 logprobs=2,
                 stop_at_eos=False,
+                **PENALTIES[i % 4],
             )
         )
     return out
@@ -85,7 +92,7 @@ def test_greedy_equals_plain_generation(model):
 def test_alone_equals_among_31_others(model, batch_invariant):
     requests = mixed_requests(32)
     together, lp_together, _ = run(model, requests, batch_invariant=batch_invariant)
-    for i in (0, 1, 2, 17, 31):  # greedy, sampled, filtered, ...
+    for i in (0, 1, 2, 3, 9, 17, 31):  # greedy, sampled, filtered; with penalties (1, 3, 9, 17, 31) ...
         alone, lp_alone, _ = run(model, [requests[i]], batch_invariant=batch_invariant)
         assert alone[0] == together[i], f"request {i} changed with the batch"
         a = torch.tensor([lp for lp, _ in lp_alone[0]])

@@ -42,6 +42,19 @@ BODIES = [
     {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "logprobs": 2},
     {"prompt": [[15496, 11], [40, 716]], "n": 2, "max_tokens": 6, "temperature": 0.9, "top_p": 0.9, "seed": 5},
     {"prompt": "The capital", "max_tokens": 0, "echo": True, "logprobs": 1},
+    {  # every sampling field crosses the pipe
+        "prompt": "Penalties",
+        "max_tokens": 10,
+        "temperature": 0.8,
+        "seed": 2,
+        "min_p": 0.05,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+        "repetition_penalty": 1.2,
+        "logit_bias": {"11": 3},
+        "min_tokens": 3,
+        "stop_token_ids": [13],
+    },
 ]
 
 

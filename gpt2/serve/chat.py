@@ -30,6 +30,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from gpt2.serve.protocol import (
     MAX_LOGPROBS,
     CompletionParams,
+    check_min_tokens,
     check_model,
     check_object,
     check_text_length,
@@ -125,11 +126,12 @@ def parse_chat(
             "context_length_exceeded",
         )
     p = CompletionParams(model=model, prompts=[ids], max_tokens=0)
-    sampling_fields(body, p)
+    sampling_fields(body, p, vocab_size)
     p.stop = tuple(dict.fromkeys(p.stop + template.stops))  # the request's, then the template's turn ends
     p.logprobs = _logprobs(body)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     p.max_tokens = max_tokens(body, p.prompts, block_size, name, None)  # default: the rest of the context
+    check_min_tokens(p)
     return p
 
 

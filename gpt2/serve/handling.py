@@ -181,10 +181,17 @@ def _sequences(p: CompletionParams, inbox: Mailbox) -> list[Sequence]:
                     temperature=p.temperature,
                     top_k=p.top_k,
                     top_p=p.top_p,
+                    min_p=p.min_p,
                     seed=seed,
                     logprobs=p.logprobs,
                     prompt_logprobs=p.logprobs if p.echo else None,
                     stop_at_eos=not p.ignore_eos,
+                    presence_penalty=p.presence_penalty,
+                    frequency_penalty=p.frequency_penalty,
+                    repetition_penalty=p.repetition_penalty,
+                    logit_bias=p.logit_bias,
+                    min_tokens=p.min_tokens,
+                    stop_token_ids=p.stop_token_ids,
                     handle=inbox,
                 )
             )

@@ -28,7 +28,7 @@ import multiprocessing as mp
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from gpt2.inference.load import ModelSpec, load_model
 from gpt2.inference.scheduler import Output, QueueFull, Sequence
@@ -36,17 +36,7 @@ from gpt2.serve.app import Service
 from gpt2.serve.config import HTTPConfig, ServeConfig
 
 PING_S = 1.0  # heartbeat period (health)
-_FIELDS = (
-    "prompt",
-    "max_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "logprobs",
-    "prompt_logprobs",
-    "stop_at_eos",
-)
+_FIELDS = tuple(f.name for f in fields(Sequence) if f.name != "handle")  # what a submit message carries
 
 
 # Loads the model in the child: a module-level function (the child imports it by name), e.g.
@@ -322,7 +312,7 @@ def _serve_commands(engine, commands, outputs, send_lock: threading.Lock, on_out
         except (EOFError, OSError):  # the HTTP process is gone
             kind = "stop"
         if kind == "submit":
-            requests = [Sequence(**dict(zip(_FIELDS, fields[1:])), handle=fields[0]) for fields in payload]
+            requests = [Sequence(**dict(zip(_FIELDS, item[1:])), handle=item[0]) for item in payload]
             try:
                 engine.submit(requests)
             except Exception as e:

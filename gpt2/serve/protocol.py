@@ -4,7 +4,9 @@
 Every field the server knows is checked for type and range here, with a message that names the
 field (`param`), so a bad request is one 400 answer and never reaches the engine. Unknown fields
 are ignored, as most OpenAI-compatible servers do; known OpenAI features this server does not
-have (suffix, best_of > n, logit_bias, penalties) are refused with a 400 that says so.
+have (suffix, best_of > n) are refused with a 400 that says so. The penalties follow OpenAI
+(presence_penalty, frequency_penalty, logit_bias) and vLLM's extensions (repetition_penalty,
+min_p, min_tokens, stop_token_ids) by name, range and meaning.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from gpt2.inference.penalties import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_TOKEN_BYTES = 128  # bytes of the longest GPT-2 token (tested against the rank file)
@@ -51,6 +55,13 @@ class CompletionParams:
     temperature: float = 1.0
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
@@ -102,12 +113,13 @@ def parse_completion(
         raise invalid("'suffix' (insertion) is not supported by this server", "suffix", "unsupported")
     prompts = _prompts(body.get("prompt"), tokenizer, vocab_size, block_size)
     p = CompletionParams(model=model, prompts=prompts, max_tokens=0)
-    sampling_fields(body, p)
+    sampling_fields(body, p, vocab_size)
     p.echo = _field(body, "echo", lambda x: isinstance(x, bool), "a boolean", False)
     p.logprobs = _field(body, "logprobs", _is_int, "an integer")
     if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
         raise invalid(f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {p.logprobs}", "logprobs")
     p.max_tokens = max_tokens(body, prompts, block_size, "max_tokens", DEFAULT_MAX_TOKENS)
+    check_min_tokens(p)
     return p
 
 
@@ -142,7 +154,7 @@ def check_model(body: dict, model_id: str) -> str:
     return model
 
 
-def sampling_fields(body: dict, p: CompletionParams) -> None:
+def sampling_fields(body: dict, p: CompletionParams, vocab_size: int) -> None:
     """The fields /v1/completions and /v1/chat/completions share, checked into p."""
     p.temperature = float(_field(body, "temperature", _is_number, "a number", 1.0))
     if not math.isfinite(p.temperature) or p.temperature < 0:
@@ -166,6 +178,85 @@ def sampling_fields(body: dict, p: CompletionParams) -> None:
     if not isinstance(include_usage, bool):
         raise invalid("'stream_options.include_usage' must be a boolean", "stream_options", "invalid_type")
     p.include_usage = include_usage
+    penalty_fields(body, p, vocab_size)
+
+
+def _number_in(body: dict, name: str, low: float, high: float, default: float, what: str) -> float:
+    """body[name] as a float in [low, high] (what says so in the message), else a 400 naming it."""
+    value = float(_field(body, name, _is_number, "a number", default))
+    if not low <= value <= high:  # also refuses nan and infinities
+        raise invalid(f"'{name}' must be {what}, got {value}", name)
+    return value
+
+
+def penalty_fields(body: dict, p: CompletionParams, vocab_size: int) -> None:
+    """OpenAI's penalties and logit_bias, vLLM's repetition_penalty, min_p, min_tokens and
+    stop_token_ids, checked into p (min_tokens against max_tokens later: check_min_tokens)."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        setattr(p, name, _number_in(body, name, -2.0, 2.0, 0.0, "between -2 and 2"))
+    p.repetition_penalty = float(_field(body, "repetition_penalty", _is_number, "a number", 1.0))
+    if not 0 < p.repetition_penalty < math.inf:  # also refuses nan
+        raise invalid(
+            f"'repetition_penalty' must be > 0 and finite (1 = none), got {p.repetition_penalty}", "repetition_penalty"
+        )
+    p.min_p = _number_in(body, "min_p", 0.0, 1.0, 0.0, "between 0 and 1")
+    p.min_tokens = _field(body, "min_tokens", _is_int, "an integer", 0)
+    if p.min_tokens < 0:
+        raise invalid(f"'min_tokens' must be >= 0, got {p.min_tokens}", "min_tokens")
+    p.logit_bias = _logit_bias(body.get("logit_bias"), vocab_size)
+    p.stop_token_ids = _stop_token_ids(body.get("stop_token_ids"), vocab_size)
+
+
+def _logit_bias(value: Any, vocab_size: int) -> dict[int, float] | None:
+    """{"token id": bias in [-100, 100]} (at most MAX_LOGIT_BIAS entries) as {id: bias}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid(
+            f"'logit_bias' must be an object of token ids to numbers, got {json_type(value)}",
+            "logit_bias",
+            "invalid_type",
+        )
+    if len(value) > MAX_LOGIT_BIAS:
+        raise invalid(f"'logit_bias' may hold at most {MAX_LOGIT_BIAS} tokens, got {len(value)}", "logit_bias")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        token = int(key) if key.isascii() and key.isdigit() else -1
+        if not 0 <= token < vocab_size or token in out:
+            raise invalid(
+                f"'logit_bias' key {short(key)} is not a token id of the vocabulary [0, {vocab_size}) (each once)",
+                "logit_bias",
+            )
+        if not _is_number(bias) or not -100 <= bias <= 100:
+            raise invalid(
+                f"'logit_bias' of token {token} must be a number between -100 and 100, got {short(bias)}", "logit_bias"
+            )
+        out[token] = float(bias)
+    return out or None
+
+
+def _stop_token_ids(value: Any, vocab_size: int) -> tuple[int, ...]:
+    """A list of at most MAX_STOP_TOKEN_IDS token ids of the vocabulary."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(_is_int(t) for t in value):
+        raise invalid(
+            f"'stop_token_ids' must be an array of token ids, got {json_type(value)}", "stop_token_ids", "invalid_type"
+        )
+    if len(value) > MAX_STOP_TOKEN_IDS:
+        raise invalid(f"'stop_token_ids' may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(value)}", "stop_token_ids")
+    bad = [t for t in value if not 0 <= t < vocab_size]
+    if bad:
+        raise invalid(
+            f"'stop_token_ids' has token id {bad[0]} outside the vocabulary [0, {vocab_size})", "stop_token_ids"
+        )
+    return tuple(dict.fromkeys(value))
+
+
+def check_min_tokens(p: CompletionParams) -> None:
+    """min_tokens can be at most max_tokens (vLLM's rule); called once max_tokens is known."""
+    if p.min_tokens > p.max_tokens:
+        raise invalid(f"'min_tokens' ({p.min_tokens}) must be at most max_tokens ({p.max_tokens})", "min_tokens")
 
 
 def refuse_unsupported(body: dict) -> None:
@@ -173,12 +264,6 @@ def refuse_unsupported(body: dict) -> None:
     best_of, n = body.get("best_of"), body.get("n", 1)
     if best_of is not None and best_of != n:
         raise invalid("'best_of' other than n is not supported by this server", "best_of", "unsupported")
-    if body.get("logit_bias"):
-        raise invalid("'logit_bias' is not supported by this server", "logit_bias", "unsupported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = body.get(name)
-        if value not in (None, 0, 0.0):
-            raise invalid(f"'{name}' is not supported by this server (only 0)", name, "unsupported")
 
 
 def _prompts(prompt: Any, tokenizer, vocab_size: int, block_size: int) -> list[list[int]]:

@@ -61,6 +61,8 @@ def warm_up_engine(engine: Engine) -> dict[str, float | int | str]:
         Sequence(prompt, 4),
         Sequence(prompt, 4, temperature=1.0, seed=1),
         Sequence(prompt, 4, temperature=0.8, top_k=5, top_p=0.9, seed=2, logprobs=2, prompt_logprobs=2),
+        Sequence(prompt, 4, repetition_penalty=1.1, logit_bias={0: 1.0}, min_tokens=2),  # the penalized modes
+        Sequence(prompt, 4, temperature=0.8, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.5, seed=3),
     ]
     engine.submit(warm)
     while not engine.idle:

@@ -85,7 +85,7 @@ class Completion:
         self.created = int(time.time())
         tok, table = service.tok, service.table
         self.choices = {
-            id(s): _Choice(i, sid, s.prompt, tok.decode(s.prompt), ChoiceText(table, params.stop))
+            id(s): _Choice(i, sid, s.prompt, tok.decode(s.prompt), ChoiceText(table, params.stop, params.min_tokens))
             for i, (s, sid) in enumerate(zip(seqs, ids))
         }
         self.open = len(self.choices)

@@ -3,6 +3,8 @@
 Text is decoded incrementally from bytes, so a character split across tokens appears once it is
 complete. With stop strings, text that could still turn into a stop string is held back until it
 cannot; when one appears, the text is cut before it and the choice stops (OpenAI's behaviour).
+With min_tokens, a stop string counts only where it ends after the first min_tokens tokens (vLLM's
+rule: no stop is looked for before them).
 """
 
 from __future__ import annotations
@@ -49,10 +51,13 @@ def token_string(tok: Tokenizer, token: int) -> str:
 
 
 class ChoiceText:
-    """The text of one choice, fed token by token; `stopped` once a stop string has appeared."""
+    """The text of one choice, fed token by token; `stopped` once a stop string has appeared (one
+    that ends after the first min_tokens tokens)."""
 
-    def __init__(self, table: TokenTable, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, table: TokenTable, stop: tuple[str, ...] = (), min_tokens: int = 0) -> None:
         self.table, self.stop = table, stop
+        self.min_tokens, self.tokens = min_tokens, 0  # tokens fed so far
+        self.floor = 0 if min_tokens == 0 else None  # a stop string must end past this character; None: not yet
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.partial = False  # the decoder holds the first bytes of a character
         self.text = ""  # decoded so far (cut at a stop string)
@@ -64,6 +69,7 @@ class ChoiceText:
         UTF-8 token after whole characters returns the table's own string for that token."""
         if self.stopped:
             return ""
+        self.tokens += len(tokens)
         if len(tokens) == 1 and not (self.stop or self.partial):
             piece = self.table.text[tokens[0]]
             if piece is not None:
@@ -72,6 +78,8 @@ class ChoiceText:
                 return piece
         self.text += self.decoder.decode(b"".join([self.table.bytes[t] for t in tokens]))
         self.partial = bool(self.decoder.getstate()[0])
+        if self.floor is None and self.tokens >= self.min_tokens:
+            self.floor = len(self.text)  # the text of the first min_tokens tokens
         return self._release(final=False)
 
     def finish(self) -> str:
@@ -83,8 +91,7 @@ class ChoiceText:
     def _release(self, final: bool) -> str:
         safe = len(self.text)
         if self.stop and not self.stopped:
-            start = max(0, self.emitted - max(len(s) for s in self.stop) + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            hits = self._hits() if self.floor is not None else []
             if hits:
                 self.text, self.stopped = self.text[: min(hits)], True
                 safe = len(self.text)
@@ -93,6 +100,12 @@ class ChoiceText:
         out = self.text[self.emitted : safe]
         self.emitted = safe
         return out
+
+    def _hits(self) -> list[int]:
+        """Where stop strings start that end in text not handed out yet and past the floor."""
+        start = max(0, self.emitted - max(len(s) for s in self.stop) + 1)
+        found = (self.text.find(s, max(start, self.floor - len(s) + 1)) for s in self.stop)
+        return [i for i in found if i >= 0]
 
     def _held_back(self) -> int:
         """Length of the longest end of text that is the start of a stop string."""
