@@ -27,6 +27,7 @@ and says what it skipped. Each section prints its rows as they finish and is app
   python benchmarks/bench_serve.py                                   # H200: gpt2 124M bf16
   python benchmarks/bench_serve.py --quick                           # ~90 s
   python benchmarks/bench_serve.py --compile                         # the decode step compiled before capture
+  python benchmarks/bench_serve.py --penalties                       # every request penalized (PENALTY_PRESET)
   python benchmarks/bench_serve.py --quick --model tiny-random --device cpu --new-tokens 16 --prompt-len 8  # CPU smoke
 """
 
@@ -55,6 +56,8 @@ from gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2.serve.server import free_port  # noqa: E402
 
 TARGETS = "step B=1 <= 0.40 ms; 32 clients >= 30,000 tok/s, p50 TTFT <= 25 ms, p99 ITL <= 5 ms"
+# --penalties: typical values on every request (the step benchmark adds the penalized modes)
+PENALTY_PRESET = {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1}
 
 # What each preset runs and how many seconds each section may take (server start-up included in load).
 PRESETS = {
@@ -92,6 +95,11 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="preset: 256; quick 128")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument(
+        "--penalties",
+        action="store_true",
+        help=f"send {PENALTY_PRESET} with every request, and time the penalized step modes too",
+    )
     p.add_argument("--max-batch", type=int, default=128)
     p.add_argument("--compile", action="store_true", help="pass --compile to the server and the step benchmark")
     p.add_argument("--client-processes", type=int, default=8)
@@ -113,7 +121,8 @@ def main() -> int:
     info = (
         f"model {args.model}, dtype {args.dtype}, prompt {args.prompt_len} random tokens, {args.new_tokens} new tokens "
         f"({'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}), max batch {args.max_batch}"
-        f"{', compiled step' if args.compile else ''}; targets: {TARGETS}"
+        f"{', compiled step' if args.compile else ''}{f', penalties {PENALTY_PRESET}' if args.penalties else ''}; "
+        f"targets: {TARGETS}"
     )
     print(f"{environment(device)}\n{info}", flush=True)
     t_start = time.perf_counter()
@@ -285,7 +294,9 @@ def run_level(args, url: str, clients: int, pool, deadline: float) -> list:
 
 
 def args_dict(args) -> dict:
-    return {k: getattr(args, k) for k in ("requests_per_client", "new_tokens", "prompt_len", "temperature")}
+    return {
+        k: getattr(args, k) for k in ("requests_per_client", "new_tokens", "prompt_len", "temperature", "penalties")
+    }
 
 
 def pcts(xs: list[float]) -> list[str]:
@@ -322,6 +333,7 @@ async def _one_client(client, url: str, cid: int, a: dict) -> list[dict]:
             "seed": cid,
             "stream": True,
             "ignore_eos": True,
+            **(PENALTY_PRESET if a["penalties"] else {}),
         }
         times, buffer = [], b""
         sent = time.time()
@@ -342,7 +354,7 @@ async def _one_client(client, url: str, cid: int, a: dict) -> list[dict]:
 def step_benchmark(args, model_dir: Path, device: torch.device, deadline: float) -> str:
     from gpt2.device import compute_dtype
     from gpt2.inference.runner import BatchDecoder
-    from gpt2.inference.sampling import GREEDY, SAMPLE
+    from gpt2.inference.sampling import GREEDY, PENALIZE, SAMPLE
 
     model = GPT.from_pretrained(model_dir, device=device, dtype=compute_dtype(args.dtype, device)).eval()
     batches = [int(b) for b in args.step_batches.split(",")]
@@ -355,10 +367,14 @@ def step_benchmark(args, model_dir: Path, device: torch.device, deadline: float)
     elif args.compile:
         paths = [("torch-compile", dict(cuda_graph=True, compile=True))]
     rows = []
+    modes = (GREEDY, SAMPLE) + ((GREEDY | PENALIZE, SAMPLE | PENALIZE) if args.penalties else ())
     for path, kwargs in paths:
         dec = BatchDecoder(model, max(batches), **kwargs)
-        for B, pos, mode in itertools.product(batches, positions, (GREEDY, SAMPLE)):
-            name = "greedy" if mode == GREEDY else "sample"
+        dec.state.presence.fill_(PENALTY_PRESET["presence_penalty"])  # what the penalized modes then apply
+        dec.state.frequency.fill_(PENALTY_PRESET["frequency_penalty"])
+        dec.state.repetition.fill_(PENALTY_PRESET["repetition_penalty"])
+        for B, pos, mode in itertools.product(batches, positions, modes):
+            name = ("greedy" if mode & ~PENALIZE == GREEDY else "sample") + ("+penalties" if mode & PENALIZE else "")
             if time.perf_counter() > deadline:
                 rows.append([B, pos, name, path, "skipped"])
                 continue
@@ -371,7 +387,8 @@ def step_benchmark(args, model_dir: Path, device: torch.device, deadline: float)
         del dec
     note = (
         "median ms per decode step (a CUDA graph replay on CUDA) with every row at that position; fused: "
-        "gpt2.kernels (the server's default on CUDA), torch: the model's own forward"
+        "gpt2.kernels (the server's default on CUDA), torch: the model's own forward; +penalties: the "
+        f"PENALIZE mode with {PENALTY_PRESET} on every row"
     )
     return f"Decode step ({note}):\n\n" + table(["batch", "position", "mode", "path", "ms/step"], rows)
 
