@@ -10,7 +10,7 @@ rotated among a few batches.
 
 Variants (all in one process, so every speed-up is a ratio on the same card):
   fast          torch.compile(model), chunked loss (no logits), cuDNN attention first: train_kernels torch
-  fused         as fast, with gpt2.kernels' fused training kernels: train_kernels fused  <- default on CUDA
+  fused         as fast, with gpt2.kernels' fused training kernels: train_kernels fused
   fast-tuned    as fast, with inductor's coordinate-descent tuning of its Triton kernels
   fast-autotune as fast, compiled with mode "max-autotune-no-cudagraphs" (Triton GEMM templates, fused epilogues)
   fused-autotune as fused, compiled the same way

@@ -98,3 +98,26 @@ def engine_tokens():
     """engine_tokens(decoder, seqs, eos_id) -> each sequence's new tokens from an Engine over the
     decoder (a gpt2.inference.BatchDecoder), stepped in this thread until idle."""
     return _engine_tokens
+
+
+def _torchrun_train(settings: dict, out_dir: Path, nproc: int = 2):
+    """`gpt2 train` under torchrun on `nproc` CPU processes (gloo) with a TrainingConfig's settings
+    (as its to_dict(); the ones a command line cannot or need not say are left out)."""
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={nproc}"]
+    args += ["-m", "gpt2", "train", "--out_dir", str(out_dir)]
+    skip = ("resume", "out_dir", "embedding_weight_decay", "position_weight_decay", "block_size")
+    for k, v in settings.items():
+        if v is not None and k not in skip:
+            args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def torchrun_train():
+    """_torchrun_train: a training run under torchrun on CPU processes, for the DDP equality tests."""
+    return _torchrun_train

@@ -6,9 +6,6 @@ value (or a resume that changes one) a one-line error."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -186,20 +183,11 @@ def test_resume_that_changes_an_optimizer_setting_names_the_field(pattern_data, 
 
 
 @pytest.mark.slow
-def test_two_process_ddp_with_every_lever_equals_one_process_with_accumulation(pattern_data, tmp_path):
+def test_two_process_ddp_with_every_lever_equals_one_process_with_accumulation(pattern_data, tmp_path, torchrun_train):
     """NorMuon's state and the per-head blocks with Newton-Schulz shared between 2 gloo processes, cautious
     decay, the warmups and the weight average: the same losses as 1 process with 2x accumulation."""
     settings = tiny(pattern_data, tmp_path / "x", **LEVERS).to_dict()
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
-    args += ["-m", "gpt2", "train"]
-    for key in ("resume", "out_dir", "embedding_weight_decay", "position_weight_decay", "block_size"):
-        settings.pop(key)
-    for k, v in settings.items():
-        if v is not None:
-            args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*args, "--out_dir", str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = torchrun_train(settings, tmp_path / "ddp")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stdout and "2 x 1 accumulation" in proc.stdout
     one = tiny(pattern_data, tmp_path / "one", **LEVERS, val_steps=4)

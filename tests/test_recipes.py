@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,20 +141,11 @@ def test_muon_with_fsdp_and_mismatched_resumes_are_one_line_errors(data, tmp_pat
 
 
 @pytest.mark.slow
-def test_two_process_ddp_with_muon_equals_one_process_with_accumulation(data, tmp_path):
+def test_two_process_ddp_with_muon_equals_one_process_with_accumulation(data, tmp_path, torchrun_train):
     """Muon under DDP (gloo, 2 processes, Newton-Schulz shared between them) trains like 1 process with
     2x accumulation: the same averaged gradients, the same orthogonalized updates."""
     settings = tiny(data, tmp_path / "x", **MUON, lr_schedule="wsd").to_dict()
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
-    args += ["-m", "gpt2", "train"]
-    for key in ("resume", "out_dir", "embedding_weight_decay", "position_weight_decay", "block_size"):
-        settings.pop(key)
-    for k, v in settings.items():
-        if v is not None:
-            args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*args, "--out_dir", str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = torchrun_train(settings, tmp_path / "ddp")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stdout and "2 x 1 accumulation" in proc.stdout
     one = tiny(data, tmp_path / "one", **MUON, lr_schedule="wsd", val_steps=4)

@@ -16,9 +16,8 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -53,35 +52,10 @@ from gpt2.training.schedule import (
     seq_len_at,
     tokens_through,
 )
-from gpt2.training.state import RngState, TrainerState
+from gpt2.training.state import NeverStop, RngState, StopFlag, TrainerState, TrainResult
 from gpt2.training.step import StepKernels, apply_gradients, clip_gradients, forward_backward
 
 PRECISION = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
-
-
-class StopFlag(Protocol):
-    """Asks the loop to stop after the current step (gpt2.training.shell.GracefulStop is one)."""
-
-    signum: int | None
-
-    @property
-    def requested(self) -> bool: ...
-
-
-class NeverStop:
-    signum: int | None = None
-    requested = False
-
-
-@dataclass
-class TrainResult:
-    """How a run ended."""
-
-    step: int  # optimizer steps done
-    last_loss: float | None
-    checkpoint: Path | None  # the newest checkpoint written
-    stopped_by: int | None = None  # the signal that stopped it early, if any
-    val_loss: float | None = None
 
 
 class NonFiniteLossError(RuntimeError):

@@ -8,12 +8,15 @@ collects them into the one dict that every checkpoint stores as trainer_state.pt
      "optimizer": AdamW state (only where the parallelism strategy stores it here, not in DCP shards)}
 
 Everything in it is a tensor, number, string, list or dict, so it loads with weights_only=True.
+Beside it: how a run is asked to stop (StopFlag) and how it ended (TrainResult).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -100,3 +103,28 @@ class TrainerState:
             f"the checkpoint was written with {saved} CPU threads, now {now}: losses match the uninterrupted run "
             f"to float rounding, not bit for bit (set OMP_NUM_THREADS={saved} for an exact resume)"
         )
+
+
+class StopFlag(Protocol):
+    """Asks the loop to stop after the current step (gpt2.training.shell.GracefulStop is one)."""
+
+    signum: int | None
+
+    @property
+    def requested(self) -> bool: ...
+
+
+class NeverStop:
+    signum: int | None = None
+    requested = False
+
+
+@dataclass
+class TrainResult:
+    """How a run ended."""
+
+    step: int  # optimizer steps done
+    last_loss: float | None
+    checkpoint: Path | None  # the newest checkpoint written
+    stopped_by: int | None = None  # the signal that stopped it early, if any
+    val_loss: float | None = None
