@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import time_decode_step  # noqa: E402
 from gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2.inference.runner import BatchDecoder  # noqa: E402
-from gpt2.inference.sampling import FILTER, GREEDY, SAMPLE  # noqa: E402
+from gpt2.inference.sampling import FILTER, GREEDY, PENALIZE, SAMPLE  # noqa: E402
 
 MODES = {"greedy": GREEDY, "sample": SAMPLE, "filter": FILTER}
+MODES |= {f"{name}+penalties": mode | PENALIZE for name, mode in MODES.items()}  # the penalties' kernels too
 
 
 def main() -> int:
