@@ -18,7 +18,7 @@ one CUDA graph and nothing goes to the host per token.
              bias_ids int64, bias_values fp32, bias_stops bool (the entry is a stop token:
              -inf while fewer than min_tokens tokens are out), added with one scatter.
 
-9 bytes x V per row: 14.9 MB for 33 rows (max_batch 32 + the scratch slot) at V = 50257, 58.4 MB for
+9 bytes x V per row: 14.9 MB for 33 rows (max_batch 32 + the scratch slot) at V = 50257, 58.3 MB for
 129; the tables 13 bytes x W: 0.16 / 0.61 MB. A row without penalties holds neutral values (no
 entries, repetition 1, offset 0), so a penalized step leaves its logits exactly as they were; steps
 whose rows have no penalties skip all of this (the PENALIZE mode bit, see gpt2.inference.sampling).

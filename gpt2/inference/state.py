@@ -22,10 +22,8 @@ _PENALTY_BUFFERS = (*penalties.VOCAB_BUFFERS, *penalties.TABLE)
 
 
 class DecodeState:
-    """The per-slot buffers a decode step reads and updates in place, one row per cache slot, the
-    scratch slot included: the step's input token, position and token index, one buffer per
-    sampling setting (gpt2.inference.sampling.ROW_SETTINGS: temperature, top_k, ...), all (rows,),
-    and the penalties' (rows, V) and (rows, W) buffers (gpt2.inference.penalties)."""
+    """The per-slot buffers of `rows` cache slots (the module docstring lists them), as attributes
+    named as in ROW_SETTINGS, penalties.VOCAB_BUFFERS and penalties.TABLE."""
 
     def __init__(self, rows: int, device: torch.device, vocab_size: int) -> None:
         long = dict(dtype=torch.long, device=device)
