@@ -5,8 +5,9 @@ Builds a random-weight GPT-2 124M HF-format checkpoint in a temporary directory 
 greedy by default. The first run of each tree warms Triton's on-disk kernel cache; the table's
 medians are over the runs after it. Per run it records what the command says:
 
-  this tree (issue 20)   [N tokens, R tokens/s decoding, S s since the model was loaded (G CUDA graphs
-                         captured in C s); device, step]  -> decode tok/s R, after-load s S, graphs, capture s
+  this tree (issue 20)   [N tokens, R tokens/s decoding, S s since the model was loaded (loading took
+                         L s; G CUDA graphs captured in C s); device, step]  -> decode tok/s R,
+                         after-load s S, load s L (trees that report it), graphs, capture s
   older trees            [N tokens in S s, R tokens/s on device] -> end-to-end tok/s R over S (generation
                          timed, loading not: the same span as "since the model was loaded")
 
@@ -42,7 +43,7 @@ from gpt2 import GPT, GPTConfig  # noqa: E402
 
 NEW = re.compile(
     r"\[(\d+) tokens, (?:([\d.]+) tokens/s decoding|no decoding steps), ([\d.]+) s since the model was loaded"
-    r"(?: \((\d+) CUDA graphs captured in ([\d.]+) s\))?; ([^\]]*)\]"
+    r"(?: \((?:loading took ([\d.]+) s)?(?:; )?(?:(\d+) CUDA graphs captured in ([\d.]+) s)?\))?; ([^\]]*)\]"
 )
 OLD = re.compile(r"\[(\d+) tokens in ([\d.]+) s, ([\d.]+) tokens/s on ([^\]]*)\]")
 
@@ -85,7 +86,7 @@ def main() -> int:
                     print(f"  {repo.name} {variant} run {i + 1}: {r['summary']}", flush=True)
                     texts.setdefault("first", r["text"])
                 rows.append(_row(repo, variant, runs, texts["first"]))
-    head = ["tree", "decode kernels", "format", "tokens", "tok/s", "s after load", "graphs", "capture s"]
+    head = ["tree", "decode kernels", "format", "tokens", "tok/s", "s after load", "load s", "graphs", "capture s"]
     head += ["process s", "1st process s", "same text"]
     print()
     print(table(head, rows))
@@ -129,13 +130,14 @@ def _run(repo: Path, model_dir: Path, cwd: str, args, variant: str) -> dict:
     if r.returncode != 0 or not (new or old):
         return {**out, "summary": f"failed (exit {r.returncode}): {r.stderr.strip()[-300:]}"}
     if new:
-        tokens, rate, after, graphs, capture, where = new.groups()
+        tokens, rate, after, loading, graphs, capture, where = new.groups()
         out.update(format="new", tokens=int(tokens), rate=float(rate or "nan"), after_load_s=float(after))
+        out.update(load_s=float(loading) if loading else None)
         out.update(graphs=int(graphs or 0), capture_s=float(capture or 0.0), where=where)
     else:
         tokens, seconds, rate, where = old.groups()
         out.update(format="old", tokens=int(tokens), rate=float(rate), after_load_s=float(seconds))
-        out.update(graphs=None, capture_s=None, where=where)
+        out.update(graphs=None, capture_s=None, load_s=None, where=where)
     out["summary"] = r.stderr.strip().splitlines()[-1] + f" (process {out['process_s']:.2f} s)"
     return out
 
@@ -144,7 +146,7 @@ def _row(repo: Path, variant: str, runs: list[dict], first_text: str | None) -> 
     ok = [r for r in runs if "tokens" in r]
     warm = ok[1:] or ok
     if not warm:
-        return [repo.name, variant, "failed", "-", "-", "-", "-", "-", "-", "-", "-"]
+        return [repo.name, variant, "failed", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
 
     def med(key: str, fmt: str) -> str:
         values = [r[key] for r in warm if r.get(key) is not None]
@@ -159,6 +161,7 @@ def _row(repo: Path, variant: str, runs: list[dict], first_text: str | None) -> 
         warm[0]["tokens"],
         med("rate", ",.0f"),
         med("after_load_s", ".3f"),
+        med("load_s", ".3f"),
         med("graphs", ".0f"),
         med("capture_s", ".3f"),
         med("process_s", ".2f"),

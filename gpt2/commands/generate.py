@@ -5,8 +5,9 @@ engine: gpt2 serve's scheduler, model runner, fused decode kernels (CUDA) and sa
 its settings and --seed give the text that a server request with that seed gives (sample j of
 prompt i is the request's choice i * num-samples + j). On CUDA only the decode shapes this run
 reaches are captured as CUDA graphs. One sample streams to the terminal as it is made; several print
-when all are done. Then one line on stderr: tokens generated, the decoding rate, and the seconds
-since the model was loaded (graph capture included).
+when all are done. Then one line on stderr: tokens generated, the decoding rate, the seconds since
+the model was loaded (graph capture included) and those loading it took (on CUDA the process's
+first-use costs are paid while the weights load: gpt2.inference.load).
 """
 
 from __future__ import annotations
@@ -105,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
     if graph and device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device (device: {device}); use --cuda-graph auto or off")
     fused = {"auto": None, "fused": True, "torch": False}[args.decode_kernels]
-    if fused:
-        kernels.use_fused(fused, False, device)  # what cannot run is refused before loading
-    model, device = load_for_inference(model_spec(args, str(device)))
+    triton = kernels.use_fused(fused, False, device)  # what cannot run is refused before loading
+    start = time.perf_counter()
+    model, device = load_for_inference(model_spec(args, str(device)), triton=triton)
     loaded = time.perf_counter()
     top = max(max(s.prompt) for s in seqs)
     if top >= model.config.vocab_size:
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         if stream is None:
             print(f"--- sample {i + 1} ---\n{prefix}{tok.decode(row)}")
     sys.stdout.flush()
-    print(_report(result, time.perf_counter() - loaded, device, busy), file=sys.stderr)
+    print(_report(result, time.perf_counter() - loaded, loaded - start, device, busy), file=sys.stderr)
     return 0
 
 
@@ -146,15 +147,16 @@ class _Stream:
         sys.stdout.write(self.decoder.decode(b"", final=True) + "\n")
 
 
-def _report(result, seconds: float, device, note: str = "") -> str:
-    """The line after the text: tokens, decoding rate, seconds since the model was loaded."""
+def _report(result, seconds: float, loading: float, device, note: str = "") -> str:
+    """The line after the text: tokens, decoding rate, seconds since the model was loaded (and
+    what loading it took)."""
     rate = result.decode_tokens_per_s
     rate_text = f"{rate:.1f} tokens/s decoding" if rate is not None else "no decoding steps"
-    graphs = f" ({result.graphs} CUDA graphs captured in {result.capture_s:.2f} s)" if result.graphs else ""
+    graphs = f"; {result.graphs} CUDA graphs captured in {result.capture_s:.2f} s" if result.graphs else ""
     step = "fused kernels" if result.fused else "PyTorch step"
     return (
-        f"[{result.num_tokens} tokens, {rate_text}, {seconds:.2f} s since the model was loaded{graphs}; "
-        f"{device}, {step}{note}]"
+        f"[{result.num_tokens} tokens, {rate_text}, {seconds:.2f} s since the model was loaded "
+        f"(loading took {loading:.2f} s{graphs}); {device}, {step}{note}]"
     )
 
 

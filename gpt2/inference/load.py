@@ -4,13 +4,23 @@ The command-line shell wraps load_model with the process-wide matmul precision
 (gpt2.commands.common.load_for_inference), which every command that loads a model uses: generate,
 eval, validate, export and both ways of serving. This half has no process-global effect, so library
 code (an engine process started without a loader, tests) can call it too.
+
+On CUDA, while the checkpoint is read and copied to the device, a helper thread pays the first-use
+costs of the process that the first prefill and decode step would otherwise pay after loading
+(measured on an H100 in `gpt2 generate`'s first run, benchmarks/profile_generate.py): cuBLAS and
+attention set-up (~0.3 s of a first prefill) and, where the fused decode kernels will run, importing
+Triton and the hash Triton takes of its own installation before it can look up any kernel in its
+on-disk cache (~0.5 s, once per process). Most of it runs without the GIL (CUDA library calls,
+hashing), so it overlaps the reading and copying of the weights.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from gpt2.device import compute_dtype, pick_device
 from gpt2.model import GPT
@@ -26,10 +36,37 @@ class ModelSpec:
     dtype: str = "auto"
 
 
-def load_model(spec: ModelSpec, *, cast_weights: bool = True) -> tuple[GPT, torch.device]:
+def load_model(spec: ModelSpec, *, cast_weights: bool = True, triton: bool = False) -> tuple[GPT, torch.device]:
     """(model in eval mode, device) of spec: on its device, weights cast to its compute dtype
-    (cast_weights=False keeps them as stored, for commands that compute under autocast)."""
+    (cast_weights=False keeps them as stored, for commands that compute under autocast). On CUDA the
+    process's first-use costs are paid meanwhile (see the module docstring); triton: Triton's too,
+    for a caller about to run gpt2.kernels."""
     device = pick_device(spec.device)
     dtype = compute_dtype(spec.dtype, device) if cast_weights else None
-    model = GPT.from_pretrained(spec.model, device=device, dtype=dtype)
+    if device.type != "cuda":
+        return GPT.from_pretrained(spec.model, device=device, dtype=dtype).eval(), device
+    with ThreadPoolExecutor(1, thread_name_prefix="gpt2-warm-up") as pool:
+        warming = pool.submit(warm_up, device, dtype or torch.float32, triton)
+        model = GPT.from_pretrained(spec.model, device=device, dtype=dtype)
+        warming.result()  # done before the caller uses the device (a CUDA graph capture must be alone)
     return model.eval(), device
+
+
+def warm_up(device: torch.device, dtype: torch.dtype, triton: bool = False) -> None:
+    """Run what a first prefill runs, on tiny inputs: the CUDA context, cuBLAS (its handle goes back
+    to torch's pool for the next thread), layer norm, GELU and masked attention kernels; with triton,
+    import gpt2.kernels' decode step and compute Triton's key of its own installation (cached)."""
+    x = torch.randn(1, 1, 16, 64, device=device, dtype=dtype)  # (B, heads, T, head size)
+    mask = torch.ones(16, 16, dtype=torch.bool, device=device).tril()
+    y = F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
+    h = F.gelu(F.layer_norm(y, (64,)) @ x.mT, approximate="tanh")
+    torch.cuda.synchronize(device)
+    del h
+    if triton:
+        from triton.runtime import cache
+
+        import gpt2.kernels.decode  # noqa: F401  (imports triton)
+
+        key = getattr(cache, "triton_key", None)  # Triton internals: absent in some version, nothing warms
+        if key is not None:
+            key()
