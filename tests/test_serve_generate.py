@@ -136,6 +136,16 @@ def test_the_command_prints_what_the_server_answers_and_the_reference_makes(tmp_
     assert sampled == "".join(f"--- sample {i + 1} ---\n{prompt}{t}\n" for i, t in enumerate(texts))
 
 
+def test_the_warm_up_runs_a_first_prefills_operations_on_any_device():
+    """load_model's warm-up (run in a thread on CUDA while the weights load) on this machine's CPU."""
+    import torch
+
+    from gpt2.inference.load import warm_up
+
+    for dtype in (torch.float32, torch.bfloat16):
+        warm_up(torch.device("cpu"), dtype)
+
+
 @pytest.mark.gpu
 def test_loading_on_cuda_warms_up_alongside_and_generates_the_reference(make_tiny, tmp_path):
     """load_model on CUDA (the first-use warm-up thread, Triton's included) gives the checkpoint's

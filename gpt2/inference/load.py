@@ -60,7 +60,8 @@ def warm_up(device: torch.device, dtype: torch.dtype, triton: bool = False) -> N
     mask = torch.ones(16, 16, dtype=torch.bool, device=device).tril()
     y = F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
     h = F.gelu(F.layer_norm(y, (64,)) @ x.mT, approximate="tanh")
-    torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     del h
     if triton:
         from triton.runtime import cache
