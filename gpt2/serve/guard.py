@@ -60,10 +60,10 @@ class BodyLimit:
                     raise BodyTooLarge
             return message
 
-        async def watched_send(message):
+        def watched_send(message):  # a plain function handing back send's awaitable: no coroutine per event
             nonlocal started
             started = started or message["type"] == "http.response.start"
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, counted_receive, watched_send)
@@ -118,11 +118,11 @@ class StatusCounter:
         route = path if path in self.routes else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         status = 500  # unless an answer starts
 
-        async def watched_send(message):
+        def watched_send(message):  # as BodyLimit's: called for every streamed event
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, watched_send)
