@@ -138,6 +138,8 @@ def test_serve_refuses_decode_kernels_it_cannot_run_before_loading(args, message
         (["--chat-template", "no-such-template.jinja"], "no such file"),
         (["--chat-template", "{% for %}"], "not a valid Jinja template"),
         (["--api-key", ""], "--api-key must not be empty"),
+        (["--stall-timeout", "0"], "--stall-timeout must be a positive number of seconds"),
+        (["--stall-timeout", "nan"], "--stall-timeout must be a positive number of seconds"),
     ],
 )
 def test_serve_refuses_bad_http_flags_before_loading(args, message):
@@ -154,3 +156,17 @@ def test_serve_origins_flag_forms():
     assert parse_origins("http://a.example, https://b.example:8443") == ("http://a.example", "https://b.example:8443")
     assert parse_origins('["http://a.example"]') == ("http://a.example",) and parse_origins("*") == ("*",)
     assert parse_origins(None) == () and parse_origins(" ") == ()
+
+
+def test_serve_http_flags_reach_the_http_config():
+    """--stall-timeout and the other HTTP flags become HTTPConfig fields; defaults are HTTPConfig's own."""
+    import argparse
+
+    from gpt2.commands.serve import add_http_arguments, http_config
+    from gpt2.serve.config import HTTPConfig
+
+    parser = argparse.ArgumentParser()
+    add_http_arguments(parser)
+    assert http_config(parser.parse_args([])).stall_timeout_s == HTTPConfig().stall_timeout_s
+    config = http_config(parser.parse_args(["--stall-timeout", "120", "--max-body-bytes", "4096"]))
+    assert (config.stall_timeout_s, config.max_body_bytes) == (120.0, 4096)

@@ -99,6 +99,14 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_body_bytes,
         help=f"largest request body; larger ones get 413 before they are read (default {defaults.max_body_bytes})",
     )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=defaults.stall_timeout_s,
+        metavar="SECONDS",
+        help="/health answers 503 once the engine has been silent, or inside one step, this long (raise it for "
+        f"models whose longest prefill or first compilation takes longer; default {defaults.stall_timeout_s:g})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,6 +194,8 @@ def http_config(args: argparse.Namespace):
 
     if args.max_body_bytes < MIN_BODY_BYTES:
         raise ValueError(f"--max-body-bytes must be at least {MIN_BODY_BYTES}, got {args.max_body_bytes}")
+    if not args.stall_timeout > 0:  # also refuses nan
+        raise ValueError(f"--stall-timeout must be a positive number of seconds, got {args.stall_timeout}")
     keys = args.api_key if args.api_key is not None else [os.environ.get(API_KEY_ENV, "")]
     keys = tuple(k for k in keys if k)
     if args.api_key is not None and len(keys) != len(args.api_key):
@@ -196,6 +206,7 @@ def http_config(args: argparse.Namespace):
         allowed_origins=parse_origins(args.allowed_origins),
         max_body_bytes=args.max_body_bytes,
         chat_template=template,
+        stall_timeout_s=args.stall_timeout,
     )
 
 

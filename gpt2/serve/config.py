@@ -30,4 +30,4 @@ class HTTPConfig:
     # --chat-template: a gpt2.serve.chat.ChatTemplate (that module needs jinja2, the serve extra);
     # None: the default plain "Role: text" turns.
     chat_template: Any = None
-    stall_timeout_s: float = 30.0  # /health: an engine silent, or in one step boundary, this long is wedged
+    stall_timeout_s: float = 30.0  # --stall-timeout: /health calls an engine silent, or in one step, this long wedged
