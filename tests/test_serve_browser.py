@@ -60,7 +60,13 @@ def test_playground_streams_text(tmp_path):
             page.fill("#prompt", "Once upon a time")
             page.fill("#max_tokens", "40")
             page.fill("#seed", "1")
-            page.click("#go")
+            page.fill("#repetition_penalty", "1.3")
+            page.fill("#presence_penalty", "0.5")
+            with page.expect_request(lambda r: r.url.endswith("/v1/completions")) as sent:
+                page.click("#go")
+            body = sent.value.post_data_json  # the penalties set away from neutral go; the others do not
+            assert (body["repetition_penalty"], body["presence_penalty"]) == (1.3, 0.5)
+            assert "frequency_penalty" not in body and "min_p" not in body
             page.wait_for_function("document.getElementById('stats').textContent.includes('40 tokens')", timeout=20000)
             page.wait_for_function("!document.getElementById('go').disabled")
             completion = page.text_content("#completion")
