@@ -49,8 +49,8 @@ def model_spec(args: argparse.Namespace, device: str | None = None):
 
 def load_for_inference(spec, *, cast_weights: bool = True, triton: bool = False):
     """(model in eval mode, device) of a ModelSpec, after setting this process's float32 matmul
-        precision for that device (TF32 on CUDA): the one way every command (and gpt2 serve's engine
-        process) loads a model, so fp32 results agree between them. See gpt2.inference.load.load_model
+    precision for that device (TF32 on CUDA): the one way every command (and gpt2 serve's engine
+    process) loads a model, so fp32 results agree between them. See gpt2.inference.load.load_model
     (triton: the caller runs gpt2.kernels, whose first-use costs are paid while loading)."""
     from gpt2.device import fp32_matmul_precision, pick_device
     from gpt2.inference.load import load_model

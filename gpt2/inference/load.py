@@ -2,7 +2,7 @@
 
 The command-line shell wraps load_model with the process-wide matmul precision
 (gpt2.commands.common.load_for_inference), which every command that loads a model uses: generate,
-eval, validate, export and both ways of serving. This half has no process-global effect, so library
+eval, validate, export and both ways of serving. This half changes no process-wide setting, so library
 code (an engine process started without a loader, tests) can call it too.
 
 On CUDA, while the checkpoint is read and copied to the device, a helper thread pays the first-use
