@@ -24,13 +24,18 @@ from gpt2.ops import linear_cross_entropy
 class GPT(nn.Module):
     """The GPT-2 language model. Parameter names match OpenAI's / HuggingFace's checkpoints."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, *, init: bool = True) -> None:
+        """init=False: parameters left uninitialized, for weights about to be loaded into them."""
         super().__init__()
         self.config = config
+
+        def embedding(rows: int) -> nn.Embedding:  # given its storage, it skips its own N(0, 1) draw
+            return nn.Embedding(rows, config.n_embd, _weight=None if init else torch.empty(rows, config.n_embd))
+
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                wte=embedding(config.vocab_size),
+                wpe=embedding(config.block_size),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
@@ -39,7 +44,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (Press & Wolf 2017, as GPT-2): the output projection is the token embedding.
         self.lm_head.weight = self.transformer.wte.weight
-        self.init_weights()
+        if init:
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -148,8 +154,10 @@ class GPT(nn.Module):
             for k, v in state_dict.items()
             if k != TIED_KEY
         }
-        with torch.device("meta"):  # no random init of weights about to be replaced (seconds for gpt2-xl)
-            model = cls(config)
+        # no memory and no random init for weights about to be replaced (seconds for gpt2-xl); init=False
+        # also keeps normal_ off the meta device, whose first call imports torch._dynamo (~1 s on a CPU)
+        with torch.device("meta"):
+            model = cls(config, init=False)
         load_state_dict_checked(model, sd, source, assign=True)
         model.lm_head.weight = model.transformer.wte.weight  # assign=True made them two Parameters: one again
         return model

@@ -184,3 +184,26 @@ def test_unsupported_variant_is_refused(tmp_path):
 def test_no_bias_model_cannot_be_exported(tmp_path):
     with pytest.raises(ValueError, match="bias=False"):
         GPT(GPTConfig.from_name("tiny", bias=False)).save_pretrained(tmp_path)
+
+
+def test_loading_draws_no_random_init_and_imports_no_compiler(tmp_path):
+    """from_pretrained builds the model without initializing it (init=False on the meta device): the
+    first normal_ on a meta tensor imports torch._dynamo, ~1 s of every CPU load (checked in a fresh
+    process, where nothing else has imported it); the default init is untouched."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    GPT(GPTConfig.from_name("tiny")).save_pretrained(tmp_path)
+    code = (
+        "import sys; from gpt2 import GPT; "
+        f"m = GPT.from_pretrained({str(tmp_path)!r}); "
+        "print('torch._dynamo' in sys.modules, m.lm_head.weight is m.transformer.wte.weight)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["False", "True"], r.stderr[-500:]
+    torch.manual_seed(0)
+    again = GPT(GPTConfig.from_name("tiny"))
+    loaded = GPT.from_pretrained(tmp_path)
+    for (name, a), b in zip(again.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
