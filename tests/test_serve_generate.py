@@ -136,12 +136,20 @@ def test_the_command_prints_what_the_server_answers_and_the_reference_makes(tmp_
     assert sampled == "".join(f"--- sample {i + 1} ---\n{prompt}{t}\n" for i, t in enumerate(texts))
 
 
-def test_the_warm_up_runs_a_first_prefills_operations_on_any_device():
-    """load_model's warm-up (run in a thread on CUDA while the weights load) on this machine's CPU."""
+def test_loading_with_the_warm_up_thread_gives_the_checkpoint(make_tiny, tmp_path):
+    """load_model's warm-up (a thread on CUDA while the weights load), here on the CPU: the model is the
+    checkpoint's, in eval mode, whether the warm-up runs beside the loading or not; it runs in either dtype."""
     import torch
 
-    from gpt2.inference.load import warm_up
+    from gpt2.inference.load import ModelSpec, load_model, warm_up
 
+    tiny = make_tiny(vocab_size=VOCAB)
+    tiny.save_pretrained(tmp_path)
+    for warm in (True, False):
+        model, device = load_model(ModelSpec(str(tmp_path), "cpu"), warm=warm)
+        assert device.type == "cpu" and not model.training
+        for (name, ours), theirs in zip(model.state_dict().items(), tiny.state_dict().values()):
+            assert torch.equal(ours, theirs), name
     for dtype in (torch.float32, torch.bfloat16):
         warm_up(torch.device("cpu"), dtype)
 

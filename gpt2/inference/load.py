@@ -36,14 +36,16 @@ class ModelSpec:
     dtype: str = "auto"
 
 
-def load_model(spec: ModelSpec, *, cast_weights: bool = True, triton: bool = False) -> tuple[GPT, torch.device]:
+def load_model(
+    spec: ModelSpec, *, cast_weights: bool = True, triton: bool = False, warm: bool | None = None
+) -> tuple[GPT, torch.device]:
     """(model in eval mode, device) of spec: on its device, weights cast to its compute dtype
-    (cast_weights=False keeps them as stored, for commands that compute under autocast). On CUDA the
-    process's first-use costs are paid meanwhile (see the module docstring); triton: Triton's too,
-    for a caller about to run gpt2.kernels."""
+    (cast_weights=False keeps them as stored, for commands that compute under autocast). warm
+    (default: on CUDA, where it pays) pays the process's first-use costs meanwhile (see the module
+    docstring); triton: Triton's too, for a caller about to run gpt2.kernels."""
     device = pick_device(spec.device)
     dtype = compute_dtype(spec.dtype, device) if cast_weights else None
-    if device.type != "cuda":
+    if not (device.type == "cuda" if warm is None else warm):
         return GPT.from_pretrained(spec.model, device=device, dtype=dtype).eval(), device
     with ThreadPoolExecutor(1, thread_name_prefix="gpt2-warm-up") as pool:
         warming = pool.submit(warm_up, device, dtype or torch.float32, triton)
