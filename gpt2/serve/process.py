@@ -36,6 +36,7 @@ from gpt2.serve.app import Service
 from gpt2.serve.config import HTTPConfig, ServeConfig
 
 PING_S = 1.0  # heartbeat period (health)
+STATS_S = 0.05  # outputs carry the engine's counters at most this often, and whenever a sequence ends
 _FIELDS = tuple(f.name for f in fields(Sequence) if f.name != "handle")  # what a submit message carries
 
 
@@ -204,7 +205,9 @@ class EngineProcess:
                 return
             if kind == "stopped":
                 return
-            self._stats, self._heard = stats, time.monotonic()
+            self._heard = time.monotonic()
+            if stats is not None:  # outputs carry them only now and then (STATS_S)
+                self._stats = stats
             if kind == "pong":
                 continue
             outputs = []
@@ -273,13 +276,18 @@ def _child_main(spec: ModelSpec, load: Loader, config: dict, commands, outputs) 
         send_lock = threading.Lock()  # the engine thread sends outputs, the main thread the last message
         live = threading.Event()  # off during warm-up: its outputs have nobody to go to
 
+        sent = [0.0]  # when outputs last carried the counters (building and pickling them: ~5 us a step)
+
         def on_outputs(outs: list[Output]) -> None:
             if live.is_set():
                 payload = [
                     (o.request.handle, o.tokens, o.logprobs, o.prompt_logprobs, o.finish_reason, o.error) for o in outs
                 ]
+                now, stats = time.perf_counter(), None
+                if now - sent[0] >= STATS_S or any(o.finish_reason is not None for o in outs):
+                    sent[0], stats = now, engine.stats()
                 with send_lock:
-                    outputs.send(("outputs", payload, engine.stats()))
+                    outputs.send(("outputs", payload, stats))
 
         # the HTTP process bounds the queue; this one must never refuse what it was sent
         config = ServeConfig(**{**config, "max_queue": config["max_queue"] + config["max_batch"]})
