@@ -151,7 +151,9 @@ def test_loading_with_the_warm_up_thread_gives_the_checkpoint(make_tiny, tmp_pat
         for (name, ours), theirs in zip(model.state_dict().items(), tiny.state_dict().values()):
             assert torch.equal(ours, theirs), name
     for dtype in (torch.float32, torch.bfloat16):
+        state = torch.get_rng_state()
         warm_up(torch.device("cpu"), dtype)
+        assert torch.equal(torch.get_rng_state(), state)  # a caller's seeded stream is left as it was
 
 
 @pytest.mark.gpu
