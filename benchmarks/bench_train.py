@@ -13,6 +13,7 @@ Variants (all in one process, so every speed-up is a ratio on the same card):
   fused         as fast, with gpt2.kernels' fused training kernels: train_kernels fused
   fast-tuned    as fast, with inductor's coordinate-descent tuning of its Triton kernels
   fast-autotune as fast, compiled with mode "max-autotune-no-cudagraphs" (Triton GEMM templates, fused epilogues)
+  fast-autotune-tma as fast-autotune, with inductor's persistent TMA (Hopper) matmul templates as candidates
   fused-autotune as fused, compiled the same way
   fast-flash    as fast, flash attention first
   fast-blocks   as fast, but each Block compiled on its own (compiles in seconds: for gpt2-xl)
@@ -64,6 +65,7 @@ class Variant:
     fused: bool = False  # gpt2.kernels.training.fuse_mlps: the MLP's GELU in its matmuls' epilogues
     tuning: bool = False  # torch._inductor.config.coordinate_descent_tuning (longer compile)
     mode: str | None = None  # torch.compile mode
+    tma: bool = False  # inductor's persistent TMA matmul templates (Hopper) among max-autotune's choices
 
 
 VARIANTS = {
@@ -71,6 +73,7 @@ VARIANTS = {
     "fused": Variant("model", True, "cudnn", fused=True),
     "fast-tuned": Variant("model", True, "cudnn", tuning=True),
     "fast-autotune": Variant("model", True, "cudnn", mode="max-autotune-no-cudagraphs"),
+    "fast-autotune-tma": Variant("model", True, "cudnn", mode="max-autotune-no-cudagraphs", tma=True),
     "fused-autotune": Variant("model", True, "cudnn", fused=True, mode="max-autotune-no-cudagraphs"),
     "fused-blocks": Variant("blocks", True, "cudnn", fused=True),
     "fast-flash": Variant("model", True, "flash"),
@@ -96,6 +99,7 @@ def run_variant(name: str, args: argparse.Namespace, batch_size: int, device: to
     free_memory(device)
     torch._dynamo.reset()
     torch._inductor.config.coordinate_descent_tuning = v.tuning
+    torch._inductor.config.triton.enable_persistent_tma_matmul = v.tma
     torch.manual_seed(0)
     config = GPTConfig.from_name(args.model)
     with torch.device(device):
