@@ -85,6 +85,12 @@ def test_min_tokens_holds_off_end_of_text_and_stop_ids(model, engine):
     assert engine([Sequence(PROMPTS[0], 20)], eos_id=eos) == [plain[0][:first]]  # without min_tokens: stops there
 
 
+def test_min_tokens_with_an_end_of_text_the_model_cannot_draw(engine):
+    """The tokenizer's end of text (50256) is outside a small model's vocabulary: nothing to hold off."""
+    plain = engine([Sequence(PROMPTS[0], 12, stop_at_eos=False)])
+    assert engine([Sequence(PROMPTS[0], 12, min_tokens=4)], eos_id=50256) == plain
+
+
 def test_end_of_text_as_a_stop_token_id_is_not_returned(engine):
     plain = engine([Sequence(PROMPTS[1], 20, stop_at_eos=False)])[0]
     eos = plain[4]
@@ -126,7 +132,7 @@ def _state_after(seqs, generated, V):
     B = len(seqs)
     state, ids = DecodeState(B + 1, torch.device("cpu"), V), torch.arange(B)
     state.write(ids, **encode_settings(seqs, V))
-    state.start_penalties(ids, encode_table(seqs, EOS % V), prompt_entries(seqs, list(range(B))))
+    state.start_penalties(ids, encode_table(seqs, EOS % V, V), prompt_entries(seqs, list(range(B))))
     for j in range(generated.size(1)):
         state.count(ids, generated[:, j])
     return state

@@ -277,7 +277,7 @@ class Engine:
         if not new:
             return
         reqs, slots = [s.request for s in new], [s.slot for s in new]
-        table = penalties.encode_table(reqs, self.eos_id)
+        table = penalties.encode_table(reqs, self.eos_id, self.vocab_size)
         prompt = penalties.prompt_entries(reqs, slots)
         self.decoder.state.start_penalties(to_device(torch.tensor(slots), self.device), table, prompt)
         self._dirty.difference_update(slots)

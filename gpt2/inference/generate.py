@@ -211,7 +211,8 @@ def _slide_state(model: GPT, seqs: list[Sequence], generated: list[list[int]], e
     state.write(ids, **encode_settings(seqs, V))
     mode = union(mode_of(s, V) for s in seqs)
     if mode & PENALIZE:
-        state.start_penalties(ids, penalties.encode_table(seqs, eos_id), penalties.prompt_entries(seqs, list(range(R))))
+        table = penalties.encode_table(seqs, eos_id, V)
+        state.start_penalties(ids, table, penalties.prompt_entries(seqs, list(range(R))))
         for j in range(max(len(g) for g in generated)):  # the tokens so far, in order
             have = [r for r, g in enumerate(generated) if j < len(g)]
             state.count(torch.tensor(have, device=device), torch.tensor([generated[r][j] for r in have], device=device))

@@ -75,9 +75,10 @@ def check(s: Sequence, vocab_size: int | None = None) -> None:
         raise ValueError(f"token id {bad[0]} (logit_bias / stop_token_ids) is outside the vocabulary [0, {vocab_size})")
 
 
-def encode_table(seqs: list[Sequence], eos_id: int) -> dict[str, Tensor]:
+def encode_table(seqs: list[Sequence], eos_id: int, vocab_size: int) -> dict[str, Tensor]:
     """The sequences' tables (n, W) as host tensors: logit_bias entries, then (with min_tokens) the
-    tokens that stop it; unused entries add 0.0 to token 0."""
+    tokens that stop it (those the model can draw: a model with a smaller vocabulary than the
+    tokenizer's never draws end of text); unused entries add 0.0 to token 0."""
     n = len(seqs)
     out = {name: torch.zeros((n, WIDTH), dtype=dtype) for name, dtype in TABLE.items()}
     for i, s in enumerate(seqs):
@@ -87,6 +88,7 @@ def encode_table(seqs: list[Sequence], eos_id: int) -> dict[str, Tensor]:
             out["bias_ids"][i, :k] = torch.tensor(list(bias))
             out["bias_values"][i, :k] = torch.tensor(list(bias.values()), dtype=torch.float32)
         stops = stop_ids(eos_id if s.stop_at_eos else None, s.stop_token_ids) if s.min_tokens > 0 else ()
+        stops = tuple(t for t in stops if t < vocab_size)
         if stops:
             out["bias_ids"][i, k : k + len(stops)] = torch.tensor(stops)
             out["bias_stops"][i, k : k + len(stops)] = True
