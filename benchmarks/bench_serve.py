@@ -106,7 +106,7 @@ def main() -> int:
     p.add_argument(
         "--compare-thread", default=None, help="levels also run with --engine-thread (preset: 32; empty: none)"
     )
-    p.add_argument("--step-batches", default=None)
+    p.add_argument("--step-batches", default=None, help="empty: skip the decode-step benchmark")
     p.add_argument("--hf-batches", default=None, help="empty: skip transformers")
     p.add_argument("--generate-lengths", default=None, help="CUDA only; empty: skip")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every section's time budget")
@@ -126,7 +126,9 @@ def main() -> int:
     )
     print(f"{environment(device)}\n{info}", flush=True)
     t_start = time.perf_counter()
-    sections = [("load", load_test), ("step", step_benchmark)]
+    sections = [("load", load_test)]
+    if args.step_batches:
+        sections.append(("step", step_benchmark))
     if args.hf_batches:
         sections.append(("hf", hf_benchmark))
     if args.generate_lengths and device.type == "cuda":
