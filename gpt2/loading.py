@@ -85,6 +85,13 @@ def read_model(spec: str | Path | ModelSource) -> tuple[GPTConfig, dict[str, Ten
     return config, state_dict_from_hf(read_weights(source.path)), source.label
 
 
+def local_config(spec: str | Path) -> GPTConfig | None:
+    """The config of a model on disk (its config.json; no weights read), or None for a hub name (which
+    this does not download)."""
+    source = resolve_model(spec)
+    return None if source.kind == "hub" else read_config(source.path)
+
+
 def _local_model(path: Path) -> ModelSource | None:
     """The model a local directory holds: a run's current checkpoint (whatever else lies in the run
     directory, e.g. a config.json an older version let `gpt2 export` write there), or itself

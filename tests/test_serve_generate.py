@@ -153,6 +153,7 @@ def test_loading_with_the_warm_up_thread_gives_the_checkpoint(make_tiny, tmp_pat
     for dtype in (torch.float32, torch.bfloat16):
         state = torch.get_rng_state()
         warm_up(torch.device("cpu"), dtype)
+        warm_up(torch.device("cpu"), dtype, shapes=tiny.config)  # a prefill and decode steps of its shapes
         assert torch.equal(torch.get_rng_state(), state)  # a caller's seeded stream is left as it was
 
 
@@ -162,12 +163,13 @@ def test_loading_on_cuda_warms_up_alongside_and_generates_the_reference(make_tin
     weights, and the engine's greedy tokens on it equal the reference's."""
     import torch
 
-    from gpt2.inference.load import ModelSpec, load_model
+    from gpt2.inference.load import ModelSpec, load_model, warm_up
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     tiny = make_tiny(vocab_size=VOCAB)
     tiny.save_pretrained(tmp_path)
+    warm_up(torch.device("cuda"), torch.float32, triton=True, shapes=tiny.config)  # what load_model runs beside
     model, device = load_model(ModelSpec(str(tmp_path), "cuda", "fp32"), triton=True)
     assert device.type == "cuda" and not model.training
     for (name, ours), theirs in zip(model.state_dict().items(), tiny.state_dict().values()):

@@ -12,6 +12,13 @@ attention set-up (~0.3 s of a first prefill) and, where the fused decode kernels
 Triton and the hash Triton takes of its own installation before it can look up any kernel in its
 on-disk cache (~0.5 s, once per process). Most of it runs without the GIL (CUDA library calls,
 hashing), so it overlaps the reading and copying of the weights.
+
+For `gpt2 generate` (triton) of a model on disk, the thread then runs a prefill and a decode step per
+length bucket on a model of the checkpoint's shapes (its config.json, read first) with uninitialized weights: cuBLAS's
+and attention's choices for those shapes, and every fused decode kernel loaded from Triton's cache
+(compiled on a cold one). Measured before this step (H100, RESULTS.md): 0.16-0.24 s of the graph
+capture after loading was those first launches, and ~0.2 s the first prefill and sampling at the
+real shapes. It costs one more copy of the weights on the device while loading.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gpt2.config import GPTConfig
 from gpt2.device import compute_dtype, pick_device
+from gpt2.loading import local_config
 from gpt2.model import GPT
 
 
@@ -47,8 +56,9 @@ def load_model(
     dtype = compute_dtype(spec.dtype, device) if cast_weights else None
     if not (device.type == "cuda" if warm is None else warm):
         return GPT.from_pretrained(spec.model, device=device, dtype=dtype).eval(), device
+    shapes = _config_or_none(spec.model) if triton else None
     with ThreadPoolExecutor(1, thread_name_prefix="gpt2-warm-up") as pool:
-        warming = pool.submit(warm_up, device, dtype or torch.float32, triton)
+        warming = pool.submit(warm_up, device, dtype or torch.float32, triton, shapes)
         model = GPT.from_pretrained(spec.model, device=device, dtype=dtype)
         try:  # done before the caller uses the device (a CUDA graph capture must be alone)
             warming.result()
@@ -57,10 +67,18 @@ def load_model(
     return model.eval(), device
 
 
-def warm_up(device: torch.device, dtype: torch.dtype, triton: bool = False) -> None:
+def _config_or_none(model: str) -> GPTConfig | None:
+    try:
+        return local_config(model)
+    except (OSError, ValueError):  # from_pretrained, reading the same source, says what is wrong
+        return None
+
+
+def warm_up(device: torch.device, dtype: torch.dtype, triton: bool = False, shapes: GPTConfig | None = None) -> None:
     """Run what a first prefill runs, on tiny inputs: the CUDA context, cuBLAS (its handle goes back
     to torch's pool for the next thread), layer norm, GELU and masked attention kernels; with triton,
-    import gpt2.kernels' decode step and compute Triton's key of its own installation (cached)."""
+    import gpt2.kernels' decode step and compute Triton's key of its own installation (cached); with
+    shapes, a prefill and decode steps on a model of that config (see _decode_once). Draws no random numbers."""
     x = torch.full((1, 1, 16, 64), 0.5, device=device, dtype=dtype)  # (B, heads, T, head size); no RNG drawn
     mask = torch.ones(16, 16, dtype=torch.bool, device=device).tril()
     y = F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
@@ -76,3 +94,23 @@ def warm_up(device: torch.device, dtype: torch.dtype, triton: bool = False) -> N
         key = getattr(cache, "triton_key", None)  # Triton internals: absent in some version, nothing warms
         if key is not None:
             key()
+    if shapes is not None:
+        _decode_once(shapes, device, dtype, fused=triton)
+
+
+def _decode_once(config: GPTConfig, device: torch.device, dtype: torch.dtype, fused: bool) -> None:
+    """What `gpt2 generate` of one sample runs before it captures its graphs (a prefill, then one greedy
+    decode step at each length bucket) on a model of config's shapes whose weights are uninitialized
+    memory: no random numbers drawn, the numbers meaningless."""
+    from gpt2.inference.runner import BatchDecoder
+    from gpt2.inference.sampling import GREEDY
+
+    with torch.device("meta"):
+        model = GPT(config, init=False).to(dtype)
+    model = model.to_empty(device=device).eval()  # memory as it comes: no fill, no copy
+    decoder = BatchDecoder(model, 1, cuda_graph=False, fused=fused, batch_buckets=[1])
+    decoder.prefill([0], [[0] * min(8, config.block_size)])
+    for L in decoder.length_buckets:
+        decoder.step(1, L, GREEDY)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
