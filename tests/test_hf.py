@@ -207,3 +207,14 @@ def test_loading_draws_no_random_init_and_imports_no_compiler(tmp_path):
     loaded = GPT.from_pretrained(tmp_path)
     for (name, a), b in zip(again.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_known_config_reads_no_weights_and_downloads_nothing(tmp_path, make_tiny):
+    from gpt2.loading import known_config
+
+    tiny = make_tiny(vocab_size=128)
+    tiny.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not read")  # only config.json is
+    assert known_config(tmp_path) == tiny.config
+    assert known_config("gpt2-medium") == GPTConfig.from_name("gpt2-medium")  # OpenAI's, without the hub
+    assert known_config("someone/their-gpt2") is None

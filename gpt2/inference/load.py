@@ -13,12 +13,13 @@ Triton and the hash Triton takes of its own installation before it can look up a
 on-disk cache (~0.5 s, once per process). Most of it runs without the GIL (CUDA library calls,
 hashing), so it overlaps the reading and copying of the weights.
 
-For `gpt2 generate` (triton) of a model on disk, the thread then runs a prefill and a decode step per
-length bucket on a model of the checkpoint's shapes (its config.json, read first) with uninitialized weights: cuBLAS's
-and attention's choices for those shapes, and every fused decode kernel loaded from Triton's cache
-(compiled on a cold one). Measured before this step (H100, RESULTS.md): 0.16-0.24 s of the graph
-capture after loading was those first launches, and ~0.2 s the first prefill and sampling at the
-real shapes. It costs one more copy of the weights on the device while loading.
+For `gpt2 generate` (triton), the thread then runs a prefill and a decode step per length bucket on a
+model of the checkpoint's shapes (gpt2.loading.known_config: its config.json, read first, or an OpenAI
+preset) with uninitialized weights: cuBLAS's and attention's choices for those shapes, and every fused
+decode kernel loaded from Triton's cache (compiled on a cold one). Measured before this step (H100,
+RESULTS.md): 0.16-0.24 s of the graph capture after loading was those first launches, and ~0.2 s the
+first prefill and sampling at the real shapes. It costs one more copy of the weights on the device
+while loading.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from gpt2.config import GPTConfig
 from gpt2.device import compute_dtype, pick_device
-from gpt2.loading import local_config
+from gpt2.loading import known_config
 from gpt2.model import GPT
 
 
@@ -69,7 +70,7 @@ def load_model(
 
 def _config_or_none(model: str) -> GPTConfig | None:
     try:
-        return local_config(model)
+        return known_config(model)
     except (OSError, ValueError):  # from_pretrained, reading the same source, says what is wrong
         return None
 
