@@ -15,7 +15,7 @@ hashing), so it overlaps the reading and copying of the weights.
 
 For `gpt2 generate` (triton), the thread then runs a prefill and a decode step per length bucket on a
 model of the checkpoint's shapes (gpt2.loading.known_config: its config.json, read first, or an OpenAI
-preset) with uninitialized weights: cuBLAS's and attention's choices for those shapes, and every fused
+preset) with zero weights: cuBLAS's and attention's choices for those shapes, and every fused
 decode kernel loaded from Triton's cache (compiled on a cold one). Measured before this step (H100,
 RESULTS.md): 0.16-0.24 s of the graph capture after loading was those first launches, and ~0.2 s the
 first prefill and sampling at the real shapes. It costs one more copy of the weights on the device
@@ -99,16 +99,20 @@ def warm_up(device: torch.device, dtype: torch.dtype, triton: bool = False, shap
         _decode_once(shapes, device, dtype, fused=triton)
 
 
+@torch.no_grad()
 def _decode_once(config: GPTConfig, device: torch.device, dtype: torch.dtype, fused: bool) -> None:
     """What `gpt2 generate` of one sample runs before it captures its graphs (a prefill, then one greedy
-    decode step at each length bucket) on a model of config's shapes whose weights are uninitialized
-    memory: no random numbers drawn, the numbers meaningless."""
+    decode step at each length bucket) on a model of config's shapes with zero weights: no random numbers
+    drawn, every pick is token 0."""
     from gpt2.inference.runner import BatchDecoder
     from gpt2.inference.sampling import GREEDY
 
     with torch.device("meta"):
         model = GPT(config, init=False).to(dtype)
-    model = model.to_empty(device=device).eval()  # memory as it comes: no fill, no copy
+    model = model.to_empty(device=device).eval()
+    # zeros, not the memory as it came: NaN logits could pick a token id outside the vocabulary, which the
+    # next step's embedding would read out of bounds (a sticky CUDA error, the whole process's)
+    torch._foreach_zero_(list(model.parameters()))
     decoder = BatchDecoder(model, 1, cuda_graph=False, fused=fused, batch_buckets=[1])
     decoder.prefill([0], [[0] * min(8, config.block_size)])
     for L in decoder.length_buckets:
