@@ -264,11 +264,16 @@ class Trainer:
         grad_norm = clip_gradients(self.optimizer, cfg.grad_clip, self.scaler)
         # One collective for the logged loss and the stop request, so every rank agrees on both.
         shared = torch.stack([loss.float(), torch.tensor(float(self.stop.requested), device=device)])
-        loss_value, stop_votes = (all_reduce_sum(shared) / torch.tensor([info.world_size, 1], device=device)).tolist()
-        self._check_finite(step, loss_value, float(grad_norm))
+        shared = all_reduce_sum(shared) / torch.tensor([info.world_size, 1], device=device)
+        # The update is queued before the loss is read: reading waits for the GPU, and an optimizer step
+        # launched only after that wait (Muon's: hundreds of small launches) would leave the GPU idle
+        # meanwhile. A non-finite loss still stops the run before anything is saved: the weights in
+        # memory that the update spoiled are never written.
         apply_gradients(self.optimizer, self.scaler)
         if self.average is not None:
             self.average.update(step + 1)
+        loss_value, stop_votes = shared.tolist()
+        self._check_finite(step, loss_value, float(grad_norm))
         synchronize(device)
         self.last_loss = loss_value
         self._log_step(step, loss_value, cfg.max_lr * factor, float(grad_norm), time.perf_counter() - t0)
