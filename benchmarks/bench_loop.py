@@ -18,7 +18,6 @@ Issue 18's loop target: the Muon recipe's tokens/s within 3% of the AdamW recipe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -35,17 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import append_results  # noqa: E402
+from gpt2.checkpoint import read_metrics  # noqa: E402
+from gpt2.config import VOCAB_SIZE  # noqa: E402
 from gpt2.data import write_shard  # noqa: E402
-
-VOCAB = 50257
 
 
 def write_random_shards(root: Path, train_tokens: int) -> Path:
     """Uniformly random GPT-2 token ids: a train shard of train_tokens and a small val shard."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
-    write_shard(root / "random_val_000000.bin", rng.integers(0, VOCAB, size=200_000))
-    write_shard(root / "random_train_000001.bin", rng.integers(0, VOCAB, size=train_tokens))
+    write_shard(root / "random_val_000000.bin", rng.integers(0, VOCAB_SIZE, size=200_000))
+    write_shard(root / "random_train_000001.bin", rng.integers(0, VOCAB_SIZE, size=train_tokens))
     return root
 
 
@@ -56,11 +55,14 @@ def run_once(repo: Path, recipe: str, data: Path, out: Path, args) -> dict:
     cmd += ["--warmup_steps", "2", "--eval_interval", "0", "--log_interval", "1", *shlex.split(args.train_args)]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no end within --timeout {args.timeout:.0f} s", "wall_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall_s": wall}
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if r.get("type") == "train" and r["step"] >= args.skip]
     memory = [r["peak_memory_gib"] for r in records if r.get("peak_memory_gib") is not None]
     return {
