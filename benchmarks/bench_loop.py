@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, median, table  # noqa: E402
 from gpt2.checkpoint import read_metrics  # noqa: E402
 from gpt2.config import VOCAB_SIZE  # noqa: E402
 from gpt2.data import write_shard  # noqa: E402
@@ -64,31 +63,30 @@ def run_once(repo: Path, recipe: str, data: Path, out: Path, args) -> dict:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall_s": wall}
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if r.get("type") == "train" and r["step"] >= args.skip]
+    if not steps:
+        return {"error": f"no training step at or after --skip {args.skip} in its metrics.jsonl", "wall_s": wall}
     memory = [r["peak_memory_gib"] for r in records if r.get("peak_memory_gib") is not None]
     return {
-        "tokens_per_s": statistics.median(r["tokens_per_sec"] for r in steps),
-        "step_ms": 1000 * statistics.median(r["step_time"] for r in steps),
+        "tokens_per_s": median([r["tokens_per_sec"] for r in steps]),
+        "step_ms": 1000 * median([r["step_time"] for r in steps]),
         "peak_gib": max(memory) if memory else None,
         "steps": len(steps),
         "wall_s": wall,
     }
 
 
-def table(rows: list[tuple[str, str, dict]]) -> str:
-    lines = [
-        "| tree | recipe | tokens/s | step ms | steps timed | peak GiB | process s |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
+def results_table(rows: list[tuple[str, str, dict]]) -> str:
+    headers = ["tree", "recipe", "tokens/s", "step ms", "steps timed", "peak GiB", "process s"]
+    cells = []
     for tree, recipe, r in rows:
         if "error" in r:
-            lines.append(f"| {tree} | {recipe} | failed: {r['error']} | | | | {r['wall_s']:.0f} |")
+            cells.append([tree, recipe, f"failed: {r['error']}", "", "", "", f"{r['wall_s']:.0f}"])
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        lines.append(
-            f"| {tree} | {recipe} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['steps']} | {peak} | "
-            f"{r['wall_s']:.0f} |"
+        cells.append(
+            [tree, recipe, f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}", r["steps"], peak, f"{r['wall_s']:.0f}"]
         )
-    return "\n".join(lines)
+    return table(headers, cells)
 
 
 def main() -> int:
@@ -122,10 +120,10 @@ def main() -> int:
                 result = run_once(repo, recipe, data, Path(tmp) / f"run-{recipe}-{i}", args)
                 rows.append((repo.name if repo != ROOT else "this", recipe, result))
                 print(f"{rows[-1][0]} {recipe}: {result}", flush=True)
-    text = table(rows)
+    text = results_table(rows)
     print(text)
     if args.results:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cpu" if "--device cpu" in args.train_args or not torch.cuda.is_available() else "cuda")
         append_results(args.results, "bench_loop: gpt2 train's own loop", device, text)
     return 0
 

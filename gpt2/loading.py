@@ -85,11 +85,11 @@ def read_model(spec: str | Path | ModelSource) -> tuple[GPTConfig, dict[str, Ten
     return config, state_dict_from_hf(read_weights(source.path)), source.label
 
 
-def known_config(spec: str | Path) -> GPTConfig | None:
+def known_config(spec: str | Path | ModelSource) -> GPTConfig | None:
     """A model's config without reading its weights: the config.json of one on disk, the preset of one
     of OpenAI's (HUB_MODELS: the presets are their configs); None for another hub repo (this does not
     download)."""
-    source = resolve_model(spec)
+    source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
     if source.kind != "hub":
         return read_config(source.path)
     return GPTConfig.from_name(source.spec) if source.spec in HUB_MODELS else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from gpt2.attention import Cache
 from gpt2.block import Block
 from gpt2.config import GPTConfig
 from gpt2.ops import linear_cross_entropy
+
+if TYPE_CHECKING:
+    from gpt2.loading import ModelSource
 
 
 class GPT(nn.Module):
@@ -124,15 +128,16 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | Path,
+        name_or_path: str | Path | ModelSource,
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         **config_overrides,
     ) -> GPT:
-        """Load OpenAI's GPT-2 ("gpt2" ... "gpt2-xl"), an HF-format directory, one of our
-        checkpoints or a training run's current one (gpt2.loading says what a name means), with
-        optional config overrides (e.g. dropout=0.1). The one place a GPT is built from disk."""
+        """Load OpenAI's GPT-2 ("gpt2" ... "gpt2-xl"), an HF-format directory, one of our checkpoints
+        or a training run's current one (gpt2.loading says what a name means; a ModelSource it
+        resolved is read as it is), with optional config overrides (e.g. dropout=0.1). The one place
+        a GPT is built from disk."""
         from gpt2.loading import read_model
 
         config, state_dict, source = read_model(name_or_path)

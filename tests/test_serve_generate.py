@@ -145,8 +145,8 @@ def test_loading_with_the_warm_up_thread_gives_the_checkpoint(make_tiny, tmp_pat
 
     tiny = make_tiny(vocab_size=VOCAB)
     tiny.save_pretrained(tmp_path)
-    for warm in (True, False):
-        model, device = load_model(ModelSpec(str(tmp_path), "cpu"), warm=warm)
+    for warm, decode in ((True, False), (True, None), (False, None)):  # decode: the one-layer rehearsal too
+        model, device = load_model(ModelSpec(str(tmp_path), "cpu"), warm=warm, decode=decode)
         assert device.type == "cpu" and not model.training
         for (name, ours), theirs in zip(model.state_dict().items(), tiny.state_dict().values()):
             assert torch.equal(ours, theirs), name
@@ -155,6 +155,22 @@ def test_loading_with_the_warm_up_thread_gives_the_checkpoint(make_tiny, tmp_pat
         warm_up(torch.device("cpu"), dtype)
         warm_up(torch.device("cpu"), dtype, shapes=tiny.config)  # a prefill and decode steps of its shapes
         assert torch.equal(torch.get_rng_state(), state)  # a caller's seeded stream is left as it was
+
+
+def test_loading_with_the_warm_up_checks_a_sealed_checkpoint_once(make_tiny, tmp_path, monkeypatch):
+    """The warm-up reads the checkpoint's config from the source load_model resolved: the weights are
+    hashed against checkpoint.json once per load, not once more for the rehearsal."""
+    import gpt2.loading
+    from gpt2.checkpoint.layout import seal_checkpoint
+    from gpt2.inference.load import ModelSpec, load_model
+
+    make_tiny(vocab_size=VOCAB).save_pretrained(tmp_path)
+    seal_checkpoint(tmp_path)
+    checks = []
+    real = gpt2.loading.verified
+    monkeypatch.setattr(gpt2.loading, "verified", lambda *a, **k: checks.append(a) or real(*a, **k))
+    load_model(ModelSpec(str(tmp_path), "cpu"), warm=True, decode=False)
+    assert len(checks) == 1
 
 
 @pytest.mark.gpu
@@ -170,7 +186,7 @@ def test_loading_on_cuda_warms_up_alongside_and_generates_the_reference(make_tin
     tiny = make_tiny(vocab_size=VOCAB)
     tiny.save_pretrained(tmp_path)
     warm_up(torch.device("cuda"), torch.float32, triton=True, shapes=tiny.config)  # what load_model runs beside
-    model, device = load_model(ModelSpec(str(tmp_path), "cuda", "fp32"), triton=True)
+    model, device = load_model(ModelSpec(str(tmp_path), "cuda", "fp32"), warm=True, decode=True)
     assert device.type == "cuda" and not model.training
     for (name, ours), theirs in zip(model.state_dict().items(), tiny.state_dict().values()):
         assert torch.equal(ours.cpu(), theirs), name

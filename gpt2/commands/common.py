@@ -47,13 +47,15 @@ def model_spec(args: argparse.Namespace, device: str | None = None):
     return ModelSpec(str(args.model), device or args.device, args.dtype)
 
 
-def load_for_inference(spec, *, cast_weights: bool = True, triton: bool = False):
+def load_for_inference(spec, *, cast_weights: bool = True, decode: bool | None = None):
     """(model in eval mode, device) of a ModelSpec, after setting this process's float32 matmul
     precision for that device (TF32 on CUDA): the one way every command (and gpt2 serve's engine
-    process) loads a model, so fp32 results agree between them. See gpt2.inference.load.load_model
-    (triton: the caller runs gpt2.kernels, whose first-use costs are paid while loading)."""
+    process) loads a model, so fp32 results agree between them. On CUDA the process's first-use costs
+    are paid while loading (gpt2.inference.load.load_model; decode: the caller decodes next, with the
+    fused kernels or not, and that is rehearsed too)."""
     from gpt2.device import fp32_matmul_precision, pick_device
     from gpt2.inference.load import load_model
 
-    torch.set_float32_matmul_precision(fp32_matmul_precision(pick_device(spec.device)))
-    return load_model(spec, cast_weights=cast_weights, triton=triton)
+    device = pick_device(spec.device)
+    torch.set_float32_matmul_precision(fp32_matmul_precision(device))
+    return load_model(spec, cast_weights=cast_weights, warm=device.type == "cuda", decode=decode)

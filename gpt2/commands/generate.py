@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     fused = {"auto": None, "fused": True, "torch": False}[args.decode_kernels]
     triton = kernels.use_fused(fused, False, device)  # what cannot run is refused before loading
     start = time.perf_counter()
-    model, device = load_for_inference(model_spec(args, str(device)), triton=triton)
+    model, device = load_for_inference(model_spec(args, str(device)), decode=triton)
     loaded = time.perf_counter()
     top = max(max(s.prompt) for s in seqs)
     if top >= model.config.vocab_size:

@@ -77,8 +77,8 @@ def check(s: Sequence, vocab_size: int | None = None) -> None:
 
 def encode_table(seqs: list[Sequence], eos_id: int, vocab_size: int) -> dict[str, Tensor]:
     """The sequences' tables (n, W) as host tensors: logit_bias entries, then (with min_tokens) the
-    tokens that stop it (those the model can draw: a model with a smaller vocabulary than the
-    tokenizer's never draws end of text); unused entries add 0.0 to token 0."""
+    tokens that stop it (end of text only where the model can draw it: a model with a smaller
+    vocabulary than the tokenizer's never does); unused entries add 0.0 to token 0."""
     n = len(seqs)
     out = {name: torch.zeros((n, WIDTH), dtype=dtype) for name, dtype in TABLE.items()}
     for i, s in enumerate(seqs):
@@ -87,8 +87,8 @@ def encode_table(seqs: list[Sequence], eos_id: int, vocab_size: int) -> dict[str
         if k:
             out["bias_ids"][i, :k] = torch.tensor(list(bias))
             out["bias_values"][i, :k] = torch.tensor(list(bias.values()), dtype=torch.float32)
-        stops = stop_ids(eos_id if s.stop_at_eos else None, s.stop_token_ids) if s.min_tokens > 0 else ()
-        stops = tuple(t for t in stops if t < vocab_size)
+        eos = eos_id if s.stop_at_eos and eos_id < vocab_size else None  # check() bounded stop_token_ids
+        stops = stop_ids(eos, s.stop_token_ids) if s.min_tokens > 0 else ()
         if stops:
             out["bias_ids"][i, k : k + len(stops)] = torch.tensor(stops)
             out["bias_stops"][i, k : k + len(stops)] = True

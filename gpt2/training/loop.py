@@ -272,11 +272,12 @@ class Trainer:
         apply_gradients(self.optimizer, self.scaler)
         if self.average is not None:
             self.average.update(step + 1)
-        loss_value, stop_votes = shared.tolist()
-        self._check_finite(step, loss_value, float(grad_norm))
-        synchronize(device)
+        loss_value, stop_votes = shared.tolist()  # waits for the update too: it was queued before the read
+        norm = float(grad_norm)
+        self._check_finite(step, loss_value, norm)
+        synchronize(device)  # other streams' work, for the step's time
         self.last_loss = loss_value
-        self._log_step(step, loss_value, cfg.max_lr * factor, float(grad_norm), time.perf_counter() - t0)
+        self._log_step(step, loss_value, cfg.max_lr * factor, norm, time.perf_counter() - t0)
         return stop_votes > 0
 
     def _check_finite(self, step: int, loss: float, norm: float) -> None:
