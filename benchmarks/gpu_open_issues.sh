@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_open_issues.sh OUT STAGE[,STAGE...]
 #
-#   generate  (~90 s)  issue 20: gpt2 generate after loading (<= 0.5 s) and decode tok/s, this tree
+#   generate  (~120 s) issue 20: gpt2 generate after loading (<= 0.5 s) and decode tok/s, this tree and BASE
 #   tests     (~100 s) the GPU tests of the inference path and the fused training kernels
 #   autotune  (~330 s) issue 18 lever 1: inductor's max-autotune against today's step, compile time reported
 #   steps     (~200 s) issue 18: today's step and the fused one, GPT-2 124M (AdamW) and gpt2-medium
@@ -13,6 +13,8 @@
 #   curves    (~300 s) issue 18: 300-step loss curves, fused vs torch (two seeds), on the proxy's shards
 #                      (carry .devcarry/speedrun, made by `python benchmarks/speedrun.py carry --books 700`)
 #
+# BASE (default .devcarry/base: `git archive 2c51b2b | tar -x -C .devcarry/base`, carried) is the tree before
+# issue 20 (gpt2 generate on the reference decoder); missing, the generate stage runs this tree only.
 # LOOPBASE (default .devcarry/loopbase: `git archive e9232ef | tar -x -C .devcarry/loopbase`, carried) is the
 # tree before the optimizer step was queued ahead of the loss read; missing, the loop stage runs this tree only.
 # Issue 19's lever series is a call of its own (~9 minutes, carry .devcarry/speedrun):
@@ -22,6 +24,7 @@
 set -o pipefail
 out=$(mkdir -p "${1:?usage: gpu_open_issues.sh OUT STAGES}" && cd "$1" && pwd)
 stages=",${2:?usage: gpu_open_issues.sh OUT STAGES},"
+base=${BASE:-.devcarry/base}
 loopbase=${LOOPBASE:-.devcarry/loopbase}
 site=${PYTHONPATH:+:$PYTHONPATH}  # e.g. carried wheels' /tmp/site
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD$site"
@@ -35,7 +38,9 @@ run() {
 want() { [[ $stages == *",$1,"* ]]; }
 run 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
 if want generate; then
-    run 130 python benchmarks/bench_generate.py --repo . --runs 5 --timeout 30
+    trees=(--repo .)
+    [ -d "$base/gpt2" ] && trees+=(--repo "$base")
+    run 170 python benchmarks/bench_generate.py "${trees[@]}" --runs 4 --timeout 30
 fi
 if want tests; then
     run 100 python -m pytest -q -p no:cacheprovider -m gpu tests/test_serve_generate.py tests/test_train_kernels.py
