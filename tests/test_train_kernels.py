@@ -116,7 +116,7 @@ def test_compiled_fused_training_step_under_bf16_autocast():
     """torch.compile traces through the custom ops; the loss equals the unfused compiled step's."""
     config = GPTConfig.from_name("tiny")
     plain, fused = twin_models(config)
-    x = torch.randint(0, config.vocab_size, (8, 128), device="cuda")
+    x = torch.randint(0, config.vocab_size, (16, config.block_size), device="cuda")  # 16 x 64 rows
     losses = []
     for model in (plain, fused):
         step = torch.compile(model)
