@@ -5,26 +5,26 @@
 #
 #   bash benchmarks/gpu_open_issues.sh OUT STAGE[,STAGE...]
 #
-#   generate  (~120 s) issue 20: gpt2 generate after loading (<= 0.5 s) and decode tok/s, this tree and BASE
+#   generate  (~120 s) issue 20: gpt2 generate after loading (<= 0.5 s) and decode tok/s, this tree, BASE, PREFIX
 #   tests     (~100 s) the GPU tests of the inference path and the fused training kernels
 #   autotune  (~330 s) issue 18 lever 1: inductor's max-autotune against today's step, compile time reported
 #   steps     (~200 s) issue 18: today's step and the fused one, GPT-2 124M (AdamW) and gpt2-medium
 #   loop      (~170 s) issue 18: the real loop (gpt2 train), AdamW and Muon recipes, this tree and LOOPBASE
+#   optimizer (~60 s)  issue 18: the optimizer step alone, AdamW and Muon recipes, with each one's kernel table
 #   curves    (~300 s) issue 18: 300-step loss curves, fused vs torch (two seeds), on the proxy's shards
 #                      (carry .devcarry/speedrun, made by `python benchmarks/speedrun.py carry --books 700`)
+#   levers    (~560 s) issue 19: the lever series from NorMuon (carry .devcarry/speedrun); a call of its own
 #
 # BASE (default .devcarry/base: `git archive 2c51b2b | tar -x -C .devcarry/base`, carried) is the tree before
-# issue 20 (gpt2 generate on the reference decoder); missing, the generate stage runs this tree only.
+# issue 20 (gpt2 generate on the reference decoder); PREFIX (default .devcarry/prefix) another tree to run beside
+# it, e.g. `git archive 7093627` (the warm-up that only imports, before the rehearsal); missing ones are skipped.
 # LOOPBASE (default .devcarry/loopbase: `git archive e9232ef | tar -x -C .devcarry/loopbase`, carried) is the
 # tree before the optimizer step was queued ahead of the loss read; missing, the loop stage runs this tree only.
-# Issue 19's lever series is a call of its own (~9 minutes, carry .devcarry/speedrun):
-#   python3 benchmarks/speedrun.py plan levers --budget-s 550 --baseline-mode timing --baseline-val 5.2264 \
-#     --only polar-express,cooldown-0.7,warmup-2,ema,split-heads,cooldown-sqrt,muon-lr-3e-3,shorter-1 \
-#     --pack $OUT/levers2.json --png $OUT/levers2.png --results $OUT/levers2.md
 set -o pipefail
 out=$(mkdir -p "${1:?usage: gpu_open_issues.sh OUT STAGES}" && cd "$1" && pwd)
 stages=",${2:?usage: gpu_open_issues.sh OUT STAGES},"
 base=${BASE:-.devcarry/base}
+prefix=${PREFIX:-.devcarry/prefix}
 loopbase=${LOOPBASE:-.devcarry/loopbase}
 site=${PYTHONPATH:+:$PYTHONPATH}  # e.g. carried wheels' /tmp/site
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD$site"
@@ -40,6 +40,7 @@ run 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --form
 if want generate; then
     trees=(--repo .)
     [ -d "$base/gpt2" ] && trees+=(--repo "$base")
+    [ -d "$prefix/gpt2" ] && trees+=(--repo "$prefix")
     run 170 python benchmarks/bench_generate.py "${trees[@]}" --runs 4 --timeout 30
 fi
 if want tests; then
@@ -58,7 +59,16 @@ if want loop; then
     [ -d "$loopbase/gpt2" ] && loops+=(--repo "$loopbase")
     run 200 python benchmarks/bench_loop.py "${loops[@]}" --recipes baseline,muon-full --steps 40 --results "$results"
 fi
+if want optimizer; then
+    run 150 python benchmarks/bench_optimizer.py --recipes baseline,muon-full --profile-dir "$out" --results "$results"
+fi
 if want curves; then
     run 120 python benchmarks/speedrun.py prepare
     run 330 python benchmarks/kernels_loss_curves.py --out runs/kernels --results "$results"
+fi
+if want levers; then  # kept levers so far: NorMuon (in muon-short); the order is speedrun_plans.py's
+    run 120 python benchmarks/speedrun.py prepare
+    run 570 python benchmarks/speedrun.py plan levers --budget-s 550 --baseline-mode timing --baseline-val 5.2264 \
+        --only polar-express,seq-warmup,cooldown-0.7,warmup-2,cooldown-sqrt,muon-lr-3e-3,shorter-1 \
+        --pack "$out/levers2.json" --png "$out/levers2.png" --results "$out/levers2.md"
 fi
