@@ -247,11 +247,13 @@ class Muon(torch.optim.Optimizer):
         """Newton-Schulz of every row block, one call per stack of blocks of the same shape and settings;
         with a process group, stack i is done on rank i % W and broadcast (the same bits either way); then
         NorMuon on every rank (its state stays the same everywhere). Returns each parameter's orthogonalized
-        update in the parameter's dtype, shaped like it."""
+        row blocks (views into the stacks, in Newton-Schulz's dtype, or float32 after NorMuon): the update is
+        applied block by block, so no parameter-shaped copy is joined (the step reads and writes each
+        matrix's worth of memory as few times as it can: it is memory-bound beside its matmuls)."""
         world, rank = 1, 0
         if self.process_group is not None:
             world, rank = dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
-        blocks = [u.split(block_rows(g["splits"], p.size(0))) for (p, g), u in zip(jobs, updates)]
+        blocks = [_row_blocks(u, g) for (_, g), u in zip(jobs, updates)]
         stacks: dict[tuple, list[tuple[int, int]]] = {}
         for i, (p, group) in enumerate(jobs):
             dtype = group["ns_dtype"] or default_ns_dtype(p.device)
@@ -262,11 +264,12 @@ class Muon(torch.optim.Optimizer):
         results, works = [], []
         for n, (key, members) in enumerate(stacks.items()):
             _, steps, eps, dtype, coefficients, _ = key
-            stack = torch.stack([blocks[i][j] for i, j in members])  # (blocks, A, B)
+            first = blocks[members[0][0]][members[0][1]]
+            stack = torch.empty((len(members), *first.shape), dtype=dtype, device=first.device)  # (blocks, A, B)
             mine = n % world == rank
-            result = (
-                newton_schulz(stack, steps, eps, dtype, coefficients) if mine else torch.empty_like(stack, dtype=dtype)
-            )
+            if mine:  # cast while stacking: one pass, not a float32 stack and then its bf16 copy
+                torch._foreach_copy_(list(stack.unbind(0)), [blocks[i][j] for i, j in members])
+            result = newton_schulz(stack, steps, eps, dtype, coefficients) if mine else stack
             if world > 1:
                 src = dist.get_global_rank(self.process_group, n % world)
                 works.append(dist.broadcast(result, src, group=self.process_group, async_op=True))
@@ -279,21 +282,16 @@ class Muon(torch.optim.Optimizer):
                 result = self._normuon(result, members, jobs, key[-1])
             for (i, j), block in zip(members, result):
                 pieces[i][j] = block
-        return [self._join(ps, p) for ps, (p, _) in zip(pieces, jobs)]
-
-    @staticmethod
-    def _join(pieces: list[Tensor], p: Tensor) -> Tensor:
-        """A parameter's orthogonalized blocks as one tensor in its dtype and shape."""
-        whole = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return whole.to(p.dtype).view(p.shape)
+        return pieces
 
     def _normuon(self, result: Tensor, members: list[tuple[int, int]], jobs: list, beta2: float) -> Tensor:
         """NorMuon on a stack (k, A, B): each neuron of the larger side divided by the root of its running
         mean square, each block rescaled to its Frobenius norm before. Returns float32 (k, A, B)."""
-        o = result.float()
-        dim = -1 if o.size(-2) >= o.size(-1) else -2  # average over the smaller side
-        size = o.size(dim)
-        mean_sq = o.square().mean(dim=dim, keepdim=True)  # (k, A, 1) or (k, 1, B)
+        dim = -1 if result.size(-2) >= result.size(-1) else -2  # average over the smaller side
+        size = result.size(dim)
+        # one float32 pass over the stack, and no float32 copy of it (result stays in Newton-Schulz's dtype)
+        norms = torch.linalg.vector_norm(result, dim=dim, keepdim=True, dtype=torch.float32)
+        mean_sq = norms.square() / size  # (k, A, 1) or (k, 1, B)
         views = [self._second_moment(jobs[i][0], jobs[i][1], j) for i, j in members]
         v = torch.stack(views).view_as(mean_sq)
         v.lerp_(mean_sq, 1 - beta2)
@@ -301,7 +299,7 @@ class Muon(torch.optim.Optimizer):
         scale = v.clamp_min(NORMUON_FLOOR).rsqrt()
         norm = (mean_sq.sum(dim=(-2, -1), keepdim=True) * size).sqrt()  # ||O||_F of each block
         new_norm = (mean_sq * size * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-        return o * (scale * (norm / new_norm.clamp_min(NORMUON_FLOOR)))
+        return result * (scale * (norm / new_norm.clamp_min(NORMUON_FLOOR)))  # float32 (type promotion)
 
     def _second_moment(self, p: Tensor, group: dict[str, Any], j: int) -> Tensor:
         """The view of p's NorMuon state for its block j: one float32 value per neuron of the block's larger side
@@ -312,9 +310,10 @@ class Muon(torch.optim.Optimizer):
             state["second_moment"] = torch.zeros(sum(sizes), dtype=torch.float32, device=p.device)
         return state["second_moment"].narrow(0, sum(sizes[:j]), sizes[j])
 
-    def _apply(self, jobs: list[tuple[Tensor, dict[str, Any]]], orthogonal: list[Tensor]) -> None:
+    def _apply(self, jobs: list[tuple[Tensor, dict[str, Any]]], orthogonal: list[list[Tensor]]) -> None:
         """p <- p (1 - lr wd) - adjusted_lr O (cautious: p <- p - lr wd p [O p >= 0] - adjusted_lr O), as
-        multi-tensor ops over parameters that share the factors."""
+        multi-tensor ops over the row blocks of parameters that share the factors. O's blocks may be in a
+        lower precision than p: each add reads them as p's dtype (the same bits as converting them first)."""
         by_factors: dict[tuple[float, float, float, bool], list[int]] = {}
         for i, (p, group) in enumerate(jobs):
             rows, cols = block_rows(group["splits"], p.size(0))[0], p.size(1)
@@ -322,12 +321,18 @@ class Muon(torch.optim.Optimizer):
             key = (1 - lr_wd, adjusted_lr(group["lr"], group["adjust_lr"], rows, cols), lr_wd, cautious)
             by_factors.setdefault(key, []).append(i)
         for (decay, lr, lr_wd, cautious), members in by_factors.items():
-            params, updates = [jobs[i][0] for i in members], [orthogonal[i] for i in members]
+            params = [b for i in members for b in _row_blocks(*jobs[i])]
+            updates = [o for i in members for o in orthogonal[i]]
             if cautious and lr_wd:
                 _cautious_decay(params, updates, lr_wd)
             elif decay != 1:
                 torch._foreach_mul_(params, decay)
             torch._foreach_add_(params, updates, alpha=-lr)
+
+
+def _row_blocks(p: Tensor, group: dict[str, Any]) -> tuple[Tensor, ...]:
+    """Views of p's row blocks, as its group's `splits` cuts it."""
+    return p.split(block_rows(group["splits"], p.size(0)))
 
 
 def _cautious_decay(params: list[Tensor], updates: list[Tensor], lr_wd: float) -> None:
