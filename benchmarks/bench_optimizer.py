@@ -46,7 +46,9 @@ def profile(step, device: torch.device, path: Path, rows: int = 30) -> str:
         for _ in range(3):
             step()
         torch.cuda.synchronize(device)
-    events = [e for e in prof.key_averages() if (getattr(e, "self_device_time_total", 0) or 0) > 0]
+    # kernels only: the operators' and the step's own rows repeat their kernels' time (bench_train's filter)
+    cuda = torch.autograd.DeviceType.CUDA
+    events = [e for e in prof.key_averages() if e.device_type == cuda and (e.self_device_time_total or 0) > 0]
     events.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events) / 3e3
     body = table(

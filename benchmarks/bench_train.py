@@ -14,6 +14,8 @@ Variants (all in one process, so every speed-up is a ratio on the same card):
   fast-tuned    as fast, with inductor's coordinate-descent tuning of its Triton kernels
   fast-autotune as fast, compiled with mode "max-autotune-no-cudagraphs" (Triton GEMM templates, fused epilogues)
   fast-autotune-tma as fast-autotune, with inductor's persistent TMA (Hopper) matmul templates as candidates
+  fast-autotune-aten as fast, max-autotune choosing among cuBLAS's own kernels only: addmm with its bias
+                as a cuBLASLt epilogue (inductor's "bias_addmm") where that is faster; seconds of compile
   fused-autotune as fused, compiled the same way
   fast-flash    as fast, flash attention first
   fast-blocks   as fast, but each Block compiled on its own (compiles in seconds: for gpt2-xl)
@@ -66,6 +68,7 @@ class Variant:
     tuning: bool = False  # torch._inductor.config.coordinate_descent_tuning (longer compile)
     mode: str | None = None  # torch.compile mode
     tma: bool = False  # inductor's persistent TMA matmul templates (Hopper) among max-autotune's choices
+    gemm_backends: str | None = None  # max-autotune over only these GEMM backends (e.g. "ATEN": cuBLAS's own)
 
 
 VARIANTS = {
@@ -74,6 +77,7 @@ VARIANTS = {
     "fast-tuned": Variant("model", True, "cudnn", tuning=True),
     "fast-autotune": Variant("model", True, "cudnn", mode="max-autotune-no-cudagraphs"),
     "fast-autotune-tma": Variant("model", True, "cudnn", mode="max-autotune-no-cudagraphs", tma=True),
+    "fast-autotune-aten": Variant("model", True, "cudnn", gemm_backends="ATEN"),
     "fused-autotune": Variant("model", True, "cudnn", fused=True, mode="max-autotune-no-cudagraphs"),
     "fused-blocks": Variant("blocks", True, "cudnn", fused=True),
     "fast-flash": Variant("model", True, "flash"),
@@ -107,7 +111,10 @@ def run_variant(name: str, args: argparse.Namespace, batch_size: int, device: to
     if v.fused:
         fuse_mlps(model)
     opt = build_optimizer(model, TrainingConfig(optimizer=args.optimizer), device)  # what `gpt2 train` builds
-    if v.compile == "model":
+    if v.compile == "model" and v.gemm_backends:
+        options = {"max_autotune": True, "max_autotune_gemm_backends": v.gemm_backends}
+        step_model = torch.compile(model, options=options)
+    elif v.compile == "model":
         step_model = torch.compile(model, mode=v.mode)
     elif v.compile == "blocks":
         for block in model.transformer.h:

@@ -13,7 +13,12 @@
 #   optimizer (~60 s)  issue 18: the optimizer step alone, AdamW and Muon recipes, with each one's kernel table
 #   curves    (~300 s) issue 18: 300-step loss curves, fused vs torch (two seeds), on the proxy's shards
 #                      (carry .devcarry/speedrun, made by `python benchmarks/speedrun.py carry --books 700`)
-#   levers    (~560 s) issue 19: the lever series from NorMuon (carry .devcarry/speedrun); a call of its own
+#   epilogue  (~120 s) issue 18: today's step against max-autotune over cuBLAS's kernels only (bias epilogues)
+#   muonstep  (~180 s) issue 18: the Muon step alone, this tree and HEADTREE, then the real loop of this tree
+#   levers    (~560 s) issue 19: a lever series on muon-short (carry .devcarry/speedrun); a call of its own;
+#                      LEVERS names the levers (speedrun_plans.py), TAG the files it writes
+#   plan      (PLAN_S, default 570 s) issue 19: `speedrun.py plan $PLAN $PLAN_ARGS` (adamw, regime2, final;
+#                      carry .devcarry/speedrun), e.g. PLAN=final PLAN_ARGS="--baseline-mode full"
 #
 # BASE (default .devcarry/base: `git archive 2c51b2b | tar -x -C .devcarry/base`, carried) is the tree before
 # issue 20 (gpt2 generate on the reference decoder); PREFIX (default .devcarry/prefix) another tree to run beside
@@ -26,6 +31,7 @@ stages=",${2:?usage: gpu_open_issues.sh OUT STAGES},"
 base=${BASE:-.devcarry/base}
 prefix=${PREFIX:-.devcarry/prefix}
 loopbase=${LOOPBASE:-.devcarry/loopbase}
+headtree=${HEADTREE:-.devcarry/head}  # e.g. `git archive HEAD`: the committed tree, beside this working tree
 site=${PYTHONPATH:+:$PYTHONPATH}  # e.g. carried wheels' /tmp/site
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD$site"
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}  # a read-only site-packages recompiles per process
@@ -62,13 +68,30 @@ fi
 if want optimizer; then
     run 150 python benchmarks/bench_optimizer.py --recipes baseline,muon-full --profile-dir "$out" --results "$results"
 fi
+if want epilogue; then
+    run 150 python benchmarks/bench_train.py --variants fast,fast-autotune-aten --batch-size 64 --steps 15 \
+        --results "$results"
+fi
+if want muonstep; then
+    [ -d "$headtree/gpt2" ] && (cd "$headtree" && run 90 python benchmarks/bench_optimizer.py \
+        --recipes baseline,muon-full --results "$out/RESULTS-head.md")
+    run 90 python benchmarks/bench_optimizer.py --recipes baseline,muon-full --profile-dir "$out" --results "$results"
+    run 120 python benchmarks/bench_loop.py --repo . --recipes baseline,muon-full --steps 40 --results "$results"
+fi
 if want curves; then
     run 120 python benchmarks/speedrun.py prepare
     run 330 python benchmarks/kernels_loss_curves.py --out runs/kernels --results "$results"
 fi
-if want levers; then  # kept levers so far: NorMuon (in muon-short); the order is speedrun_plans.py's
+if want levers; then  # kept so far (in muon-short): NorMuon, Polar Express, a 70% 1-sqrt cooldown
     run 120 python benchmarks/speedrun.py prepare
-    run 570 python benchmarks/speedrun.py plan levers --budget-s 550 --baseline-mode timing --baseline-val 5.2264 \
-        --only polar-express,seq-warmup,cooldown-0.7,warmup-2,cooldown-sqrt,muon-lr-3e-3,shorter-1 \
-        --pack "$out/levers2.json" --png "$out/levers2.png" --results "$out/levers2.md"
+    levers=${LEVERS:-batch-131k,cooldown-0.85,floor-0.1,shorter-1,shorter-2}
+    tag=${TAG:-levers}
+    run "${LEVERS_S:-570}" python benchmarks/speedrun.py plan levers --budget-s "$(( ${LEVERS_S:-570} - 20 ))" \
+        --baseline-mode timing --baseline-val 5.2264 --only "$levers" \
+        --pack "$out/$tag.json" --png "$out/$tag.png" --results "$out/$tag.md"
+fi
+if want plan; then  # the plan prepares its own data (regime2: every carried book) inside its budget
+    run "${PLAN_S:-570}" python benchmarks/speedrun.py plan "${PLAN:?PLAN=adamw|regime2|final}" \
+        --budget-s "$(( ${PLAN_S:-570} - 20 ))" ${PLAN_ARGS:-} \
+        --pack "$out/$PLAN.json" --png "$out/$PLAN.png" --results "$out/$PLAN.md"
 fi

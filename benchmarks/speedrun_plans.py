@@ -108,6 +108,15 @@ MUON_SHORT_LEVERS = (
     Lever(
         "plain-wd", {"muon_cautious_wd": "false"}, "the decay without the cautious mask", needs=("muon_cautious_wd",)
     ),
+    Lever(
+        "batch-131k",
+        {"total_batch_size": "131072"},
+        "2^17 tokens per step (2 micro-steps), same tokens: 2^15 cost 0.149 nats here, so try the other side",
+        0.97,
+        scale_steps=0.5,
+    ),
+    Lever("cooldown-0.85", {"decay_fraction": "0.85"}, "an even longer cooldown (0.7 beat 0.5 by 0.011)"),
+    Lever("floor-0.1", {"min_lr_ratio": "0.1"}, "the cooldown ends at 10% of the peak lr, not 0"),
     Lever("muon-lr-3e-3", {"muon_lr": "3e-3"}, "Muon lr 3e-3 on top of the kept levers"),
     Lever("muon-lr-2e-3", {"muon_lr": "2e-3"}, "Muon lr 2e-3 on top of the kept levers"),
     Lever("shorter-1", {}, "the best recipe with 85% of its steps", 0.85, scale_steps=0.85, reach=True),
