@@ -9,6 +9,7 @@ activation-checkpointed.
   torchrun --standalone --nproc_per_node=2 benchmarks/bench_fsdp_xl.py                 # gpt2-xl, B=16/GPU
   torchrun --standalone --nproc_per_node=2 benchmarks/bench_fsdp_xl.py --activation-checkpointing --batch-size 32
   torchrun --standalone --nproc_per_node=2 benchmarks/bench_fsdp_xl.py --save-dir /tmp/ckpt   # + time a DCP save
+  torchrun --standalone --nproc_per_node=1 benchmarks/bench_fsdp_xl.py --train-kernels fused  # one GPU, fused MLP
   # CPU smoke check (gloo):
   torchrun --standalone --nproc_per_node=2 benchmarks/bench_fsdp_xl.py --device cpu --model tiny --seq-len 64 \
       --batch-size 2 --steps 2 --warmup 1 --compile none --results /tmp/RESULTS.md
@@ -36,6 +37,7 @@ from benchmarks.common import RESULTS, environment, table  # noqa: E402
 from gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2.checkpoint.sharded import save_sharded  # noqa: E402
 from gpt2.distributed import all_gather_objects, barrier, destroy_distributed, init_distributed  # noqa: E402
+from gpt2.kernels.training import fuse_mlps, use_training_kernels  # noqa: E402
 from gpt2.training.metrics import flops_per_token, mfu, peak_flops  # noqa: E402
 from gpt2.training.parallel import shard_model  # noqa: E402
 
@@ -62,6 +64,9 @@ def main() -> int:
     p.add_argument("--no-mixed-precision", action="store_true", help="fp32 parameters and compute")
     p.add_argument("--logits", action="store_true", help="loss from full logits instead of the chunked loss")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu (gloo)")
+    p.add_argument(
+        "--train-kernels", default="torch", choices=["torch", "fused"], help="as gpt2 train's (fused: CUDA, Triton)"
+    )
     p.add_argument("--save-dir", type=Path, default=None, help="also time one save_sharded here (deleted after)")
     p.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the section is appended to")
     args = p.parse_args()
@@ -71,6 +76,9 @@ def main() -> int:
     info = init_distributed(os.environ, args.device)
     try:
         row = run(args, info)
+    except ValueError as e:  # e.g. --train-kernels fused without CUDA
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
     except torch.OutOfMemoryError:
         # Exit at once: torchrun then stops the other ranks (they would wait in a collective).
         print(
@@ -102,6 +110,9 @@ def run(args: argparse.Namespace, info) -> dict:
     with torch.device(device):  # 6.2 GB of fp32 weights for gpt2-xl, freed by sharding
         model = GPT(config)
     n_params, n_matmul = model.num_params(), model.num_params(non_embedding=True)
+    fused, _ = use_training_kernels(args.train_kernels, device)  # "fused" off CUDA: a one-line ValueError
+    if fused:
+        fuse_mlps(model)  # as gpt2 train applies it: before compiling and sharding
     if compile_blocks:  # before sharding: only the Block's math is compiled, FSDP's hooks run eagerly
         for block in model.transformer.h:
             block.compile()
@@ -158,6 +169,7 @@ def run(args: argparse.Namespace, info) -> dict:
         setup_s=setup_s,
         first_s=first_s,
         compile=compile_blocks,
+        fused=fused,
     )
     if args.save_dir is not None:
         directory = args.save_dir / "step_00000001"
@@ -181,6 +193,7 @@ def report(args: argparse.Namespace, device: torch.device, world: int, rows: lis
         f"model {args.model} ({r0['n_params']:,} parameters), T={args.seq_len}, micro-batch {args.batch_size}/GPU, "
         f"{world} ranks, FSDP2 ({precision}), activation checkpointing "
         f"{'on' if args.activation_checkpointing else 'off'}, compile {'per Block' if r0['compile'] else 'off'}, "
+        f"training kernels {'fused' if r0['fused'] else 'torch'}, "
         f"{'full logits' if args.logits else 'chunked loss'}; {args.steps} timed steps after {args.warmup} "
         "(median; spread = (max-min)/median); MFU = (6N + 12*L*H*Q*T) * tokens/s per GPU / the card's bf16 peak"
     )

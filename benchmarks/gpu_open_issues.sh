@@ -11,8 +11,10 @@
 #   steps     (~200 s) issue 18: today's step and the fused one, GPT-2 124M (AdamW) and gpt2-medium
 #   loop      (~170 s) issue 18: the real loop (gpt2 train), AdamW and Muon recipes, this tree and LOOPBASE
 #   optimizer (~60 s)  issue 18: the optimizer step alone, AdamW and Muon recipes, with each one's kernel table
+#   xl        (~220 s) issue 18: gpt2-xl's FSDP2 step on one GPU (bench_fsdp_xl.py), torch vs fused MLP kernels
 #   curves    (~300 s) issue 18: 300-step loss curves, fused vs torch (two seeds), on the proxy's shards
-#                      (carry .devcarry/speedrun, made by `python benchmarks/speedrun.py carry --books 700`)
+#                      (carry .devcarry/speedrun, made by `python benchmarks/speedrun.py carry --books 700`);
+#                      CURVES_ARGS adds flags (e.g. "--seeds 1 --fused-seeds 1": the second seed alone, ~200 s)
 #   epilogue  (~120 s) issue 18: today's step against max-autotune over cuBLAS's kernels only (bias epilogues)
 #   muonstep  (~180 s) issue 18: the Muon step alone, this tree and HEADTREE, then the real loop of this tree
 #   levers    (~560 s) issue 19: a lever series on muon-short (carry .devcarry/speedrun); a call of its own;
@@ -78,9 +80,15 @@ if want muonstep; then
     run 90 python benchmarks/bench_optimizer.py --recipes baseline,muon-full --profile-dir "$out" --results "$results"
     run 120 python benchmarks/bench_loop.py --repo . --recipes baseline,muon-full --steps 40 --results "$results"
 fi
+if want xl; then
+    for kernels in torch fused; do
+        run 110 torchrun --standalone --nproc_per_node=1 benchmarks/bench_fsdp_xl.py --batch-size 16 \
+            --train-kernels "$kernels" --results "$results"
+    done
+fi
 if want curves; then
     run 120 python benchmarks/speedrun.py prepare
-    run 330 python benchmarks/kernels_loss_curves.py --out runs/kernels --results "$results"
+    run "${CURVES_S:-330}" python benchmarks/kernels_loss_curves.py --out runs/kernels ${CURVES_ARGS:-} --results "$results"
 fi
 if want levers; then  # kept so far (in muon-short): NorMuon, Polar Express, a 70% 1-sqrt cooldown
     run 120 python benchmarks/speedrun.py prepare

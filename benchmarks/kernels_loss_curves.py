@@ -8,6 +8,7 @@ validation losses, and each run's median tokens/s (the real loop: data loading, 
 
   python benchmarks/speedrun.py prepare                                   # the proxy's shards, once
   python benchmarks/kernels_loss_curves.py --out runs/kernels --results benchmarks/RESULTS.md
+  python benchmarks/kernels_loss_curves.py --fused-seeds 1337,1 --out runs/kernels   # two seeds of each
   python benchmarks/kernels_loss_curves.py --recipe muon-full --steps 100 --seeds 1337 --out runs/kernels-muon
   python benchmarks/kernels_loss_curves.py --steps 6 --data data/shakespeare --train-args "--model tiny \
       --seq_len 64 --micro_batch_size 2 --device cpu --compile false --val_steps 1"  # CPU smoke
@@ -79,15 +80,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="baseline", help="a configs/speedrun/*.toml name")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seeds", default="1337,1", help="torch runs' seeds; the fused run takes the first")
+    p.add_argument("--seeds", default="1337,1", help="torch runs' seeds (the first run is the reference)")
+    p.add_argument("--fused-seeds", default=None, help="fused runs' seeds (default: the first torch seed)")
     p.add_argument("--data", type=Path, default=REPO / "runs" / "speedrun" / "data")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "kernels")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--train-args", default="", help="more `gpt2 train` flags (e.g. a CPU smoke run's)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = [train(args.recipe, "torch", seeds[0], args), train(args.recipe, "fused", seeds[0], args)]
+    fused_seeds = [int(s) for s in (args.fused_seeds or args.seeds.split(",")[0]).split(",")]
+    runs = [train(args.recipe, "torch", seeds[0], args), train(args.recipe, "fused", fused_seeds[0], args)]
     runs += [train(args.recipe, "torch", s, args) for s in seeds[1:]]
+    runs += [train(args.recipe, "fused", s, args) for s in fused_seeds[1:]]
     text = compare([summary(r) for r in runs])
     print(text)
     if args.results is not None:
