@@ -20,7 +20,8 @@
 #   levers    (~560 s) issue 19: a lever series on muon-short (carry .devcarry/speedrun); a call of its own;
 #                      LEVERS names the levers (speedrun_plans.py), TAG the files it writes
 #   plan      (PLAN_S, default 570 s) issue 19: `speedrun.py plan $PLAN $PLAN_ARGS` (adamw, regime2, final;
-#                      carry .devcarry/speedrun), e.g. PLAN=final PLAN_ARGS="--baseline-mode full"
+#                      carry .devcarry/speedrun), e.g. PLAN=final PLAN_ARGS="--baseline-mode full
+#                      --changes-from benchmarks/speedrun_best.json" (the levers' kept changes on muon-full too)
 #
 # BASE (default .devcarry/base: `git archive 2c51b2b | tar -x -C .devcarry/base`, carried) is the tree before
 # issue 20 (gpt2 generate on the reference decoder); PREFIX (default .devcarry/prefix) another tree to run beside
