@@ -11,6 +11,8 @@
 #   steps     (~200 s) issue 18: today's step and the fused one, GPT-2 124M (AdamW) and gpt2-medium
 #   loop      (~170 s) issue 18: the real loop (gpt2 train), AdamW and Muon recipes, this tree and LOOPBASE
 #   optimizer (~60 s)  issue 18: the optimizer step alone, AdamW and Muon recipes, with each one's kernel table
+#   bandwidth (~90 s)  issue 18: every inductor kernel of today's step timed alone with its bytes and GB/s
+#                      (TORCHINDUCTOR_PROFILE=1; bandwidth.txt): which memory-bound kernels sit below the card's rate
 #   xl        (~220 s) issue 18: gpt2-xl's FSDP2 step on one GPU (bench_fsdp_xl.py), torch vs fused MLP kernels
 #   curves    (~300 s) issue 18: 300-step loss curves, fused vs torch (two seeds), on the proxy's shards
 #                      (carry .devcarry/speedrun, made by `python benchmarks/speedrun.py carry --books 700`);
@@ -80,6 +82,11 @@ if want muonstep; then
         --recipes baseline,muon-full --results "$out/RESULTS-head.md")
     run 90 python benchmarks/bench_optimizer.py --recipes baseline,muon-full --profile-dir "$out" --results "$results"
     run 120 python benchmarks/bench_loop.py --repo . --recipes baseline,muon-full --steps 40 --results "$results"
+fi
+if want bandwidth; then  # each kernel is benchmarked on its first call; the numbers the step computes are moot
+    run 200 env TORCHINDUCTOR_PROFILE=1 TORCHINDUCTOR_PROFILE_OUTPUT="$out/bandwidth.txt" TORCHINDUCTOR_FX_GRAPH_CACHE=0 \
+        python benchmarks/bench_train.py --variants fast --batch-size 64 --steps 2 --warmup 1 \
+        --results "$out/RESULTS-bandwidth.md"
 fi
 if want xl; then
     for kernels in torch fused; do
