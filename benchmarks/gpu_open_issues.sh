@@ -10,6 +10,7 @@
 #   autotune  (~330 s) issue 18 lever 1: inductor's max-autotune against today's step, compile time reported
 #   steps     (~200 s) issue 18: today's step and the fused one, GPT-2 124M (AdamW) and gpt2-medium
 #   loop      (~170 s) issue 18: the real loop (gpt2 train), AdamW and Muon recipes, this tree and LOOPBASE
+#   loopfused (~90 s)  issue 18: the real loop of both recipes with train_kernels = "fused" (this tree)
 #   optimizer (~60 s)  issue 18: the optimizer step alone, AdamW and Muon recipes, with each one's kernel table
 #   bandwidth (~90 s)  issue 18: every inductor kernel of today's step timed alone with its bytes and GB/s
 #                      (TORCHINDUCTOR_PROFILE=1; bandwidth.txt): which memory-bound kernels sit below the card's rate
@@ -69,6 +70,10 @@ if want loop; then
     loops=(--repo .)
     [ -d "$loopbase/gpt2" ] && loops+=(--repo "$loopbase")
     run 200 python benchmarks/bench_loop.py "${loops[@]}" --recipes baseline,muon-full --steps 40 --results "$results"
+fi
+if want loopfused; then
+    run 120 python benchmarks/bench_loop.py --repo . --recipes baseline,muon-full --steps 40 \
+        --train-args "--train_kernels fused" --results "$results"
 fi
 if want optimizer; then
     run 150 python benchmarks/bench_optimizer.py --recipes baseline,muon-full --profile-dir "$out" --results "$results"
