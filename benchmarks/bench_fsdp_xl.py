@@ -105,12 +105,12 @@ def run(args: argparse.Namespace, info) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     compile_blocks = (args.compile or ("blocks" if cuda else "none")) == "blocks"
     config = GPTConfig.from_name(args.model)
+    fused, _ = use_training_kernels(args.train_kernels, device)  # "fused" off CUDA: a one-line ValueError, first
     torch.manual_seed(0)  # the same initial weights on every rank
     t0 = time.perf_counter()
     with torch.device(device):  # 6.2 GB of fp32 weights for gpt2-xl, freed by sharding
         model = GPT(config)
     n_params, n_matmul = model.num_params(), model.num_params(non_embedding=True)
-    fused, _ = use_training_kernels(args.train_kernels, device)  # "fused" off CUDA: a one-line ValueError
     if fused:
         fuse_mlps(model)  # as gpt2 train applies it: before compiling and sharding
     if compile_blocks:  # before sharding: only the Block's math is compiled, FSDP's hooks run eagerly
