@@ -12,6 +12,7 @@
 #   loop      (~170 s) issue 18: the real loop (gpt2 train), AdamW and Muon recipes, this tree and LOOPBASE
 #   loopfused (~90 s)  issue 18: the real loop of both recipes with train_kernels = "fused" (this tree)
 #   optimizer (~60 s)  issue 18: the optimizer step alone, AdamW and Muon recipes, with each one's kernel table
+#                      (and in HEADTREE first, where it was carried)
 #   bandwidth (~90 s)  issue 18: every inductor kernel of today's step timed alone with its bytes and GB/s
 #                      (TORCHINDUCTOR_PROFILE=1; bandwidth.txt): which memory-bound kernels sit below the card's rate
 #   xl        (~220 s) issue 18: gpt2-xl's FSDP2 step on one GPU (bench_fsdp_xl.py), torch vs fused MLP kernels
@@ -19,7 +20,7 @@
 #                      (carry .devcarry/speedrun, made by `python benchmarks/speedrun.py carry --books 700`);
 #                      CURVES_ARGS adds flags (e.g. "--seeds 1 --fused-seeds 1": the second seed alone, ~200 s)
 #   epilogue  (~120 s) issue 18: today's step against max-autotune over cuBLAS's kernels only (bias epilogues)
-#   muonstep  (~180 s) issue 18: the Muon step alone, this tree and HEADTREE, then the real loop of this tree
+#   muonstep  (~180 s) issue 18: optimizer and loop together (the Muon step before and after, then the loop)
 #   levers    (~560 s) issue 19: a lever series on muon-short (carry .devcarry/speedrun); a call of its own;
 #                      LEVERS names the levers (speedrun_plans.py), TAG the files it writes
 #   plan      (PLAN_S, default 570 s) issue 19: `speedrun.py plan $PLAN $PLAN_ARGS` (adamw, regime2, final;
@@ -66,27 +67,25 @@ if want steps; then
     run 150 python benchmarks/bench_train.py --model gpt2-medium --variants fast,fused --batch-size 64,32 \
         --steps 10 --results "$results"
 fi
-if want loop; then
+loop_bench() {  # LIMIT_S BENCH_LOOP_ARGS...: both recipes' real loop, medians of 30 steps
+    run "$1" python benchmarks/bench_loop.py "${@:2}" --recipes baseline,muon-full --steps 40 --results "$results"
+}
+if want loop || want muonstep; then
     loops=(--repo .)
     [ -d "$loopbase/gpt2" ] && loops+=(--repo "$loopbase")
-    run 200 python benchmarks/bench_loop.py "${loops[@]}" --recipes baseline,muon-full --steps 40 --results "$results"
+    loop_bench 200 "${loops[@]}"
 fi
 if want loopfused; then
-    run 120 python benchmarks/bench_loop.py --repo . --recipes baseline,muon-full --steps 40 \
-        --train-args "--train_kernels fused" --results "$results"
+    loop_bench 120 --repo . --train-args "--train_kernels fused"
 fi
-if want optimizer; then
+if want optimizer || want muonstep; then  # HEADTREE first where it was carried: the step before and after
+    [ -d "$headtree/gpt2" ] && (cd "$headtree" && run 90 python benchmarks/bench_optimizer.py \
+        --recipes baseline,muon-full --results "$out/RESULTS-head.md")
     run 150 python benchmarks/bench_optimizer.py --recipes baseline,muon-full --profile-dir "$out" --results "$results"
 fi
 if want epilogue; then
     run 150 python benchmarks/bench_train.py --variants fast,fast-autotune-aten --batch-size 64 --steps 15 \
         --results "$results"
-fi
-if want muonstep; then
-    [ -d "$headtree/gpt2" ] && (cd "$headtree" && run 90 python benchmarks/bench_optimizer.py \
-        --recipes baseline,muon-full --results "$out/RESULTS-head.md")
-    run 90 python benchmarks/bench_optimizer.py --recipes baseline,muon-full --profile-dir "$out" --results "$results"
-    run 120 python benchmarks/bench_loop.py --repo . --recipes baseline,muon-full --steps 40 --results "$results"
 fi
 if want bandwidth; then  # each kernel is benchmarked on its first call; the numbers the step computes are moot
     run 200 env TORCHINDUCTOR_PROFILE=1 TORCHINDUCTOR_PROFILE_OUTPUT="$out/bandwidth.txt" TORCHINDUCTOR_FX_GRAPH_CACHE=0 \
