@@ -10,11 +10,9 @@
 #   autotune  (~330 s) issue 18 lever 1: inductor's max-autotune against today's step, compile time reported
 #   steps     (~200 s) issue 18: today's step and the fused one, GPT-2 124M (AdamW) and gpt2-medium
 #   loop      (~170 s) issue 18: the real loop (gpt2 train), AdamW and Muon recipes, this tree and LOOPBASE
-#   loopfused (~90 s)  issue 18: the real loop of both recipes with train_kernels = "fused" (this tree)
+#   loopfused (~160 s) issue 18: the real loop of both recipes with train_kernels = "fused" (this tree)
 #   optimizer (~60 s)  issue 18: the optimizer step alone, AdamW and Muon recipes, with each one's kernel table
 #                      (and in HEADTREE first, where it was carried)
-#   bandwidth (~90 s)  issue 18: every inductor kernel of today's step timed alone with its bytes and GB/s
-#                      (TORCHINDUCTOR_PROFILE=1; bandwidth.txt): which memory-bound kernels sit below the card's rate
 #   xl        (~220 s) issue 18: gpt2-xl's FSDP2 step on one GPU (bench_fsdp_xl.py), torch vs fused MLP kernels
 #   curves    (~300 s) issue 18: 300-step loss curves, fused vs torch (two seeds), on the proxy's shards
 #                      (carry .devcarry/speedrun, made by `python benchmarks/speedrun.py carry --books 700`);
@@ -25,7 +23,10 @@
 #                      LEVERS names the levers (speedrun_plans.py), TAG the files it writes
 #   plan      (PLAN_S, default 570 s) issue 19: `speedrun.py plan $PLAN $PLAN_ARGS` (adamw, regime2, final;
 #                      carry .devcarry/speedrun), e.g. PLAN=final PLAN_ARGS="--baseline-mode full
-#                      --changes-from benchmarks/speedrun_best.json" (the levers' kept changes on muon-full too)
+#                      --changes-from benchmarks/speedrun_best.json" (the levers' kept changes on muon-full too);
+#                      a series over several calls: copy the last call's $PLAN.json to .devcarry/$PLAN.json, carry
+#                      it, and add --resume .devcarry/$PLAN.json (e.g. PLAN=adamw PLAN_ARGS="--baseline-mode full
+#                      --resume .devcarry/adamw.json": two full-length runs a call, the finished ones taken)
 #
 # BASE (default .devcarry/base: `git archive 2c51b2b | tar -x -C .devcarry/base`, carried) is the tree before
 # issue 20 (gpt2 generate on the reference decoder); PREFIX (default .devcarry/prefix) another tree to run beside
@@ -76,7 +77,7 @@ if want loop || want muonstep; then
     loop_bench 200 "${loops[@]}"
 fi
 if want loopfused; then
-    loop_bench 120 --repo . --train-args "--train_kernels fused"
+    loop_bench 200 --repo . --train-args "--train_kernels fused"  # Triton compiles cold: ~80 s a recipe
 fi
 if want optimizer || want muonstep; then  # HEADTREE first where it was carried: the step before and after
     [ -d "$headtree/gpt2" ] && (cd "$headtree" && run 90 python benchmarks/bench_optimizer.py \
@@ -86,11 +87,6 @@ fi
 if want epilogue; then
     run 150 python benchmarks/bench_train.py --variants fast,fast-autotune-aten --batch-size 64 --steps 15 \
         --results "$results"
-fi
-if want bandwidth; then  # each kernel is benchmarked on its first call; the numbers the step computes are moot
-    run 200 env TORCHINDUCTOR_PROFILE=1 TORCHINDUCTOR_PROFILE_OUTPUT="$out/bandwidth.txt" TORCHINDUCTOR_FX_GRAPH_CACHE=0 \
-        python benchmarks/bench_train.py --variants fast --batch-size 64 --steps 2 --warmup 1 \
-        --results "$out/RESULTS-bandwidth.md"
 fi
 if want xl; then
     for kernels in torch fused; do

@@ -26,11 +26,16 @@ run: docs/training.md says what the numbers do and do not show.
   python benchmarks/speedrun.py report --pack $OUT/levers.json --results benchmarks/RESULTS.md
   python benchmarks/speedrun.py plan levers --smoke --budget-s 300      # CPU: a tiny model, the whole pipeline
 
+  python benchmarks/speedrun.py plan adamw --resume $OLD/adamw.json ...  # a series over several GPU calls
+
 `plan NAME` (speedrun_plans.PLANS: levers, adamw, regime2, final) prepares the data (inside its budget),
 measures the baseline (--baseline-mode full: trained now; timing: 30 steps timed, its final val given
 with --baseline-val; skip: --baseline-val and --baseline-seconds given), then runs the plan's series until
 the budget is spent (speedrun_series says how runs are chosen and kept), packing every finished run's
-metrics into one JSON file after each run, and ends with the report. `report --pack` makes the same
+metrics into one JSON file after each run, and ends with the report. With --resume PACK (an earlier call's
+pack of the same plan) every run that finished there is taken from it instead of trained again (same label,
+recipe and settings), the baseline's included, so the greedy choices replay and the series goes on where the
+earlier call's budget ended; its new pack holds both calls' runs. `report --pack` makes the same
 report from that file alone, here, also when the GPU call was cut off.
 """
 
@@ -134,6 +139,7 @@ def series(args: argparse.Namespace, pack_path: Path) -> None:
         if unknown:
             raise SystemExit(f"--only: plan {plan.name} has no lever {', '.join(unknown)}")
         plan = replace(plan, levers=tuple(lever for lever in plan.levers if lever.label in wanted))
+    prior = read_prior(args.resume, plan.name) if args.resume else None
     needs_all = any(lever.data == "all" for lever in plan.levers)
     data = {"proxy": args.data, "all": args.data.parent / "data-all"}
     if not args.smoke:
@@ -143,14 +149,29 @@ def series(args: argparse.Namespace, pack_path: Path) -> None:
     out = args.out / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True)
     meta = {"budget_s": args.budget_s, "min_gain": args.min_gain, "command": command_line()}
+    if args.resume:
+        meta["resumed_from"] = str(args.resume)
     best = json.loads(args.changes_from.read_text()).get("best") if args.changes_from else None
     run_series = Series(plan, data, out, pack_path, START + args.budget_s, smoke=args.smoke, min_gain=args.min_gain,
-                        meta=meta)  # fmt: skip
+                        meta=meta, prior=prior)  # fmt: skip
     if plan.greedy:
         target, _ = run_series.baseline(args.baseline_mode, args.baseline_val, args.baseline_seconds)
         run_series.greedy(target)
     else:
         run_series.each(best)
+
+
+def read_prior(path: Path, plan: str) -> dict:
+    """An earlier call's pack of the same plan (--resume), checked before anything runs."""
+    try:
+        prior = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        why = f"--resume {path}: not a readable series pack ({e}); pass an earlier call's --pack file"
+        raise SystemExit(why) from None
+    if not isinstance(prior, dict) or prior.get("plan") != plan or not isinstance(prior.get("runs"), list):
+        found = prior.get("plan") if isinstance(prior, dict) else None
+        raise SystemExit(f"--resume {path}: a pack of plan {found!r}, not {plan!r}; resume a series with its own plan")
+    return prior
 
 
 def report_from_pack(pack_path: Path, png: Path | None, results: Path | None) -> None:
@@ -213,6 +234,9 @@ def main() -> int:
     p.add_argument("--only", default=None, help="plan: run only these levers (comma-separated labels), in plan order")
     p.add_argument("--changes-from", type=Path, default=None, help="plan regime2/final: a levers pack's best changes")
     p.add_argument("--pack", type=Path, default=None, help="plan: the series' JSON file; report: read it")
+    p.add_argument(
+        "--resume", type=Path, default=None, help="plan: an earlier call's pack; its finished runs are taken, not rerun"
+    )
     p.add_argument("--png", type=Path, default=None, help="plot the curves here")
     p.add_argument("--results", type=Path, default=None, help="append the report to this file (benchmarks/RESULTS.md)")
     args = p.parse_args()

@@ -36,7 +36,9 @@ class Lever:
     scale_steps: float = 1.0  # multiply every STEP_SETTINGS value (the recipe's, or the best run's)
     speed: bool = False  # kept if no worse than the noise and faster (rather than lower loss)
     reach: bool = False  # a shorter schedule: kept if it still reaches the baseline's loss, sooner
-    needs: tuple[str, ...] = ()  # run only if the best run so far sets these (else it changes nothing)
+    # Conditions on the best run so far, each "key" (sets it) or "key=value" (sets it to exactly that):
+    needs: tuple[str, ...] = ()  # run only if every one holds (else the lever changes nothing)
+    unless: tuple[str, ...] = ()  # run only if none holds (e.g. a lower lr only where a higher one lost)
     recipe: str | None = None  # another configs/speedrun recipe than the plan's (non-greedy plans)
     baseline: str | None = None  # non-greedy plans: the run whose final loss and time it is measured against
     carry_best: bool = False  # non-greedy plans: on top of a levers series' best changes (--changes-from)
@@ -123,17 +125,31 @@ MUON_SHORT_LEVERS = (
     Lever("shorter-2", {}, "the best recipe with 85% of its steps again", 0.85, scale_steps=0.85, reach=True),
 )
 
-# The AdamW rival (what users get where Muon cannot run, e.g. under FSDP), tuned greedily like Muon:
-# each run is full length (~236 s on an H100), so this is a plan for its own GPU call.
+# The AdamW rival (what users get where Muon cannot run, e.g. under FSDP), tuned greedily like Muon, from
+# the seed recipe (adamw-best.toml as first shipped: the baseline's settings, so the series reuses the
+# baseline's run as its reference). Each run is full length (~236 s on an H100 + start-up): two a GPU call,
+# a series over several calls (`plan adamw --resume` carries the finished runs into the next call). A value
+# "xF" multiplies the best run's setting (or the recipe's), so a warmup lever stays a fraction of the schedule
+# whatever batch size was kept before it.
 ADAMW_LEVERS = (
-    Lever("lr-1.2e-3", {"max_lr": "1.2e-3"}, "2x the seed's lr"),
-    Lever("wsd", {"lr_schedule": "wsd", "decay_fraction": "0.4", "min_lr_ratio": "0"}, "WSD to 0 (cooldown 40%)"),
-    Lever("warmup-15", {"warmup_steps": "15"}, "a shorter warmup (the seed's 3.75% scaled to 1.7%)"),
-    Lever("batch-65k", {"total_batch_size": "65536"}, "2^16 tokens per step, same tokens", 1.05, scale_steps=2.0),
+    Lever(
+        "batch-65k",
+        {"total_batch_size": "65536"},
+        "2^16 tokens per step (one micro-step), same tokens: halving Muon's batch from 2^17 gained 0.05-0.11 nats",
+        1.01,
+        scale_steps=2.0,
+    ),
     Lever("lr-9e-4", {"max_lr": "9e-4"}, "1.5x the seed's lr"),
-    Lever("cooldown-sqrt", {"decay_shape": "sqrt"}, "1 - sqrt cooldown", needs=("lr_schedule",)),
-    Lever("no-clip", {"grad_clip": "0"}, "no gradient clipping", speed=True),
-    Lever("beta2-0.99", {"beta2": "0.99"}, "beta2 0.99"),
+    Lever("lr-4e-4", {"max_lr": "4e-4"}, "2/3 of the seed's lr, where 1.5x did not pay", unless=("max_lr",)),
+    Lever("lr-1.2e-3", {"max_lr": "1.2e-3"}, "2x the seed's lr, where 1.5x paid", needs=("max_lr=9e-4",)),
+    Lever(
+        "wsd-sqrt",
+        {"lr_schedule": "wsd", "decay_fraction": "0.5", "decay_shape": "sqrt", "min_lr_ratio": "0"},
+        "warmup-stable-decay, a 1-sqrt cooldown over half the steps to 0 (Hagele et al. 2024), not cosine to 10%",
+    ),
+    Lever("warmup-0.4x", {"warmup_steps": "x0.4"}, "a shorter warmup: 1.5% of the steps instead of the seed's 3.75%"),
+    Lever("no-clip", {"grad_clip": "0"}, "no gradient clipping (no benefit in nanochat)", speed=True),
+    Lever("beta2-0.99", {"beta2": "0.99"}, "beta2 0.99 instead of 0.95"),
 )
 
 # A second regime (issue 19): one pass over distinct text, no repetition. 124M on one pass of the 330

@@ -114,10 +114,16 @@ def recipe_values(recipe: str) -> dict[str, Any]:
 
 
 def variant(recipe: str, best: dict[str, str], lever: Lever) -> dict[str, str]:
-    """The settings of a lever's run: the best run's changes, then the lever's, step counts scaled."""
-    changes = {**best, **lever.changes}
+    """The settings of a lever's run: the best run's changes, then the lever's (a value "xF" multiplies the
+    best run's setting, or the recipe's), step counts scaled."""
+    base = recipe_values(recipe)
+    changes = dict(best)
+    for key, value in lever.changes.items():
+        if value.startswith("x"):
+            scaled = float(changes.get(key, base[key])) * float(value[1:])
+            value = str(max(1, round(scaled))) if key in STEP_SETTINGS else f"{scaled:g}"
+        changes[key] = value
     if lever.scale_steps != 1:
-        base = recipe_values(recipe)
         for key in STEP_SETTINGS:
             value = int(float(changes.get(key, base.get(key, 0))))
             if value > 0:
@@ -137,6 +143,36 @@ def transfer(changes: dict[str, str], source: str, target: str) -> dict[str, str
             continue
         out[key] = str(max(1, round(int(float(value)) * ratio))) if key in STEP_SETTINGS else value
     return out
+
+
+def holds(best: dict[str, str], condition: str) -> bool:
+    """Whether the best run's changes meet a lever's condition: "key" (sets it) or "key=value" (to exactly that)."""
+    key, is_value, value = condition.partition("=")
+    return key in best and (not is_value or same_value(best[key], value))
+
+
+def same_value(a: str, b: str) -> bool:
+    """Settings as the command line gives them: 9e-4 and 0.0009 are the same number."""
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
+
+
+def wanted(lever: Lever, best: dict[str, str]) -> str | None:
+    """None when the lever runs on top of these changes, else why it is skipped."""
+    if not all(holds(best, c) for c in lever.needs):
+        return f"skipped: the best run does not set {', '.join(lever.needs)}"
+    if any(holds(best, c) for c in lever.unless):
+        return f"skipped: the best run sets {', '.join(lever.unless)}"
+    return None
+
+
+def same_settings(a: str, b: str) -> bool:
+    """Whether two recipes train the same run (their resolved configs are equal)."""
+    from gpt2.training import build_config
+
+    return a == b or build_config(recipe_path(a), {}) == build_config(recipe_path(b), {})
 
 
 def decide(
@@ -177,6 +213,10 @@ class Series:
         self.pack.update(options.get("meta", {}))
         self.startup = STARTUP_S["first"]
         self.recipe_seconds = dict(RECIPE_SECONDS)
+        self.curves: dict[str, Curve] = {}  # every finished run of this series, by label
+        # --resume: an earlier call's pack of the same plan; its finished runs are taken, not trained again
+        prior = options.get("prior") or {}
+        self.done = {e["label"]: e for e in prior.get("runs", []) if e.get("exit") == 0 and e.get("records")}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -197,6 +237,9 @@ class Series:
         """Train one run (or skip it when it cannot finish in time with `reserve` seconds kept for a later
         one); its entry joins the pack."""
         entry.update(label=label, recipe=recipe, changes=changes, estimate_s=round(self.estimate(recipe, lever), 1))
+        earlier = self.done.get(label)
+        if earlier is not None and earlier["recipe"] == recipe and earlier["changes"] == changes:
+            return self._taken(entry, earlier)
         if self.estimate(recipe, lever) + reserve > self.left():
             entry.update(decision=f"skipped: needs ~{entry['estimate_s']:.0f} s, {max(0, self.left()):.0f} s left")
             self._save(entry)
@@ -213,9 +256,20 @@ class Series:
             entry["log_tail"] = (self.out / f"{label}.log").read_text(errors="replace")[-3000:]
         if curve is not None and code == 0:
             self.startup = max(5.0, wall - curve.train_seconds)  # later runs' start-up: measured
+            self.curves[label] = curve
         print(
             f"[{label}] exit {code} in {wall:.0f} s" + (f", final val {curve.final:.4f}" if curve else ""), flush=True
         )
+        self._save(entry)
+        return curve
+
+    def _taken(self, entry: dict[str, Any], earlier: dict[str, Any], note: str = "an earlier call") -> Curve | None:
+        """A finished run's results in place of training it again (same recipe, same settings)."""
+        entry.update({k: earlier[k] for k in ("exit", "cut", "wall_s", "records") if k in earlier}, taken_from=note)
+        curve = curve_from_records(entry["label"], entry["records"])
+        if curve is not None:
+            self.curves[entry["label"]] = curve
+        print(f"[{entry['label']}] taken from {note}" + (f": final val {curve.final:.4f}" if curve else ""), flush=True)
         self._save(entry)
         return curve
 
@@ -247,7 +301,12 @@ class Series:
         """The plan's recipe as shipped, then each lever on top of the best run so far."""
         plan = self.plan
         entry = {"role": "reference", "lever": {}, "what": "as shipped", "baseline": "baseline"}
-        best = self.run(plan.recipe, plan.recipe, {}, entry)
+        twin = self.pack_entry("baseline") if same_settings(plan.recipe, "baseline") else None
+        if twin is not None and "baseline" in self.curves:  # the recipe is the baseline: its run is the reference
+            entry.update(label=plan.recipe, recipe=plan.recipe, changes={})
+            best = self._taken(entry, twin, "the baseline's run (the same settings)")
+        else:
+            best = self.run(plan.recipe, plan.recipe, {}, entry)
         if best is None or entry.get("cut"):
             return
         self.recipe_seconds[plan.recipe] = best.train_seconds  # the levers' cost estimates, measured
@@ -256,8 +315,9 @@ class Series:
         for n, lever in enumerate(plan.levers):
             entry = {"role": "lever", "what": lever.what, "compared_to": best_label, "baseline": "baseline"}
             entry["lever"] = {**lever.changes, **({"steps": f"x{lever.scale_steps}"} if lever.scale_steps != 1 else {})}
-            if not all(key in best_changes for key in lever.needs):
-                entry.update(label=lever.label, decision=f"skipped: the best run sets none of {', '.join(lever.needs)}")
+            skip = wanted(lever, best_changes)
+            if skip is not None:
+                entry.update(label=lever.label, decision=skip)
                 self._save(entry)
                 continue
             changes = variant(plan.recipe, best_changes, lever)
@@ -273,6 +333,9 @@ class Series:
                 best, best_label, best_changes = curve, lever.label, changes
             self.pack["best"] = {"label": best_label, "recipe": plan.recipe, "changes": best_changes}
             self._save_pack()
+
+    def pack_entry(self, label: str) -> dict[str, Any] | None:
+        return next((e for e in self.pack["runs"] if e.get("label") == label), None)
 
     def each(self, best: dict[str, Any] | None) -> None:
         """A non-greedy plan: each run on its own recipe (the Muon ones with a levers series' best changes)."""

@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.speedrun_plans import PLANS, Lever
 from benchmarks.speedrun_report import Curve, curve_from_records, report_pack
-from benchmarks.speedrun_series import decide, recipe_path, transfer, variant
+from benchmarks.speedrun_series import decide, recipe_path, transfer, variant, wanted
 from gpt2.training import build_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +88,20 @@ def test_variants_scale_step_counts_and_carry_to_other_recipes():
     assert transfer({"max_steps": "150"}, "muon-short", "muon-short") == {"max_steps": "150"}
 
 
+def test_relative_settings_and_conditions_on_the_best_run():
+    """A value "xF" scales the best run's setting (else the recipe's); needs/unless read the best run's changes."""
+    shorter = Lever("w", {"warmup_steps": "x0.4"}, "")
+    assert variant("adamw-best", {}, shorter) == {"warmup_steps": "13"}  # 33 x 0.4
+    assert variant("adamw-best", {"warmup_steps": "66", "max_lr": "9e-4"}, shorter)["warmup_steps"] == "26"
+    assert variant("adamw-best", {}, Lever("b", {"beta2": "x1.05"}, "")) == {"beta2": "0.9975"}
+    low = Lever("lo", {"max_lr": "4e-4"}, "", unless=("max_lr",))
+    high = Lever("hi", {"max_lr": "1.2e-3"}, "", needs=("max_lr=9e-4",))
+    assert wanted(low, {}) is None and wanted(high, {}) == "skipped: the best run does not set max_lr=9e-4"
+    assert wanted(low, {"max_lr": "0.0009"}) == "skipped: the best run sets max_lr"
+    assert wanted(high, {"max_lr": "0.0009"}) is None  # the same number, written otherwise
+    assert wanted(Lever("p", {}, "", needs=("muon_cautious_wd=true",)), {"muon_cautious_wd": "true"}) is None
+
+
 def test_every_planned_run_is_a_valid_config():
     """Each lever's settings (on top of every earlier lever's, the worst case of a greedy series) build."""
     for plan in PLANS.values():
@@ -158,6 +172,39 @@ def test_a_series_runs_end_to_end_on_a_tiny_cpu_model(pattern_data, tmp_path):
     assert [e["label"] for e in runs] == ["baseline-timing", "muon-short", "normuon", "no-clip"]
     assert all(e["exit"] == 0 and any(r["type"] == "eval" for r in e["records"]) for e in runs)
     assert "kept?" in proc.stdout and png.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_series_resumed_in_a_second_call_trains_only_what_is_new(pattern_data, tmp_path):
+    """`plan adamw` twice, the second with --resume: the first call's runs (the baseline, the reference that
+    is the baseline's own run, the lever) are taken, not trained again; the greedy choice replays and only the
+    new lever trains. A pack of another plan is refused before anything runs."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "benchmarks/speedrun.py", "plan", "adamw", "--smoke", "--data", str(pattern_data)]
+    base += ["--out", str(tmp_path / "runs"), "--budget-s", "300"]
+
+    def call(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    first, second = tmp_path / "a1.json", tmp_path / "a2.json"
+    proc = call("--only", "lr-9e-4", "--pack", str(first))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[adamw-best] taken from the baseline's run" in proc.stdout  # the recipe is the baseline's
+    proc = call("--only", "lr-9e-4,lr-4e-4,lr-1.2e-3", "--resume", str(first), "--pack", str(second))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {e["label"]: e for e in json.loads(second.read_text())["runs"]}
+    assert list(runs) == ["baseline", "adamw-best", "lr-9e-4", "lr-4e-4", "lr-1.2e-3"]
+    assert runs["baseline"]["taken_from"] == runs["lr-9e-4"]["taken_from"] == "an earlier call"
+    old = {e["label"]: e for e in json.loads(first.read_text())["runs"]}
+    assert runs["lr-9e-4"]["records"] == old["lr-9e-4"]["records"]
+    kept = runs["lr-9e-4"]["kept"]  # the smoke model decides; either way exactly one lr lever trains now
+    trained = [label for label, e in runs.items() if "taken_from" not in e and "exit" in e]
+    assert trained == (["lr-1.2e-3"] if kept else ["lr-4e-4"])
+    refused = call("--resume", str(tmp_path / "missing.json"))
+    assert refused.returncode != 0 and "not a readable series pack" in refused.stderr
+    (tmp_path / "other.json").write_text(json.dumps({"format": 1, "plan": "levers", "runs": []}))
+    refused = call("--resume", str(tmp_path / "other.json"))
+    assert refused.returncode != 0 and "a pack of plan 'levers', not 'adamw'" in refused.stderr
 
 
 def test_carry_then_prepare_takes_the_first_books(tmp_path, monkeypatch, capsys):
