@@ -100,7 +100,7 @@ if want curves; then
 fi
 if want levers; then  # kept so far (in muon-short): NorMuon, Polar Express, a 70% 1-sqrt cooldown
     run 120 python benchmarks/speedrun.py prepare
-    levers=${LEVERS:-batch-131k,cooldown-0.85,floor-0.1,shorter-1,shorter-2}
+    levers=${LEVERS:-embed-lr-0.5x,position-lr-3x,scalar-lr-3x,adamw-lr-0.67x,shorter-1}
     tag=${TAG:-levers}
     run "${LEVERS_S:-570}" python benchmarks/speedrun.py plan levers --budget-s "$(( ${LEVERS_S:-570} - 20 ))" \
         --baseline-mode timing --baseline-val 5.2264 --only "$levers" \

@@ -119,6 +119,12 @@ MUON_SHORT_LEVERS = (
     ),
     Lever("cooldown-0.85", {"decay_fraction": "0.85"}, "an even longer cooldown (0.7 beat 0.5 by 0.011)"),
     Lever("floor-0.1", {"min_lr_ratio": "0.1"}, "the cooldown ends at 10% of the peak lr, not 0"),
+    # The AdamW groups' own rates (issue 19: "position embeddings and 1-D parameters with their own rates");
+    # all four groups run at max_lr 1.8e-3 today, and a head-like 6e-3 for the tied embedding cost 0.039.
+    Lever("embed-lr-0.5x", {"embedding_lr": "9e-4"}, "the tied embedding / LM head at half the AdamW lr"),
+    Lever("position-lr-3x", {"position_lr": "5.4e-3"}, "the position embeddings at 3x the AdamW lr"),
+    Lever("scalar-lr-3x", {"scalar_lr": "5.4e-3"}, "biases and LayerNorm parameters at 3x the AdamW lr"),
+    Lever("adamw-lr-0.67x", {"max_lr": "1.2e-3"}, "every AdamW group at 2/3 of its lr (3e-3 cost 0.03 in round one)"),
     Lever("muon-lr-3e-3", {"muon_lr": "3e-3"}, "Muon lr 3e-3 on top of the kept levers"),
     Lever("muon-lr-2e-3", {"muon_lr": "2e-3"}, "Muon lr 2e-3 on top of the kept levers"),
     Lever("shorter-1", {}, "the best recipe with 85% of its steps", 0.85, scale_steps=0.85, reach=True),
