@@ -7,7 +7,8 @@ run so far. `decide` keeps a lever when its final val loss is lower by more than
 noise of one run), a speed lever when it is no worse than that and at least 1% faster, a shorter schedule
 when it still reaches the baseline's final loss, sooner. A run that would not finish before the deadline
 is skipped (the next, cheaper ones may still fit); one that overruns is killed, and its evaluations so
-far still count, marked cut.
+far still count, marked cut. A run killed after its final evaluation (while writing its last checkpoint)
+is complete: its measurement is all there, so it counts as finished, here and when a later call resumes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ CONFIGS = REPO / "configs" / "speedrun"
 PACK_FORMAT = 1
 # A CPU smoke run keeps each recipe's batch geometry (accumulation steps) on a tiny model.
 SMOKE = ["--model", "tiny", "--seq_len", "32", "--micro_batch_size", "2", "--device", "cpu", "--compile", "false"]
-SMOKE += ["--max_steps", "6", "--warmup_steps", "1", "--eval_interval", "2", "--val_steps", "1"]
+SMOKE_STEPS = 6
+SMOKE += ["--max_steps", str(SMOKE_STEPS), "--warmup_steps", "1", "--eval_interval", "2", "--val_steps", "1"]
 
 
 def run_name(name: str) -> str:
@@ -216,7 +218,16 @@ class Series:
         self.curves: dict[str, Curve] = {}  # every finished run of this series, by label
         # --resume: an earlier call's pack of the same plan; its finished runs are taken, not trained again
         prior = options.get("prior") or {}
-        self.done = {e["label"]: e for e in prior.get("runs", []) if e.get("exit") == 0 and e.get("records")}
+        self.done = {e["label"]: e for e in prior.get("runs", []) if e.get("records") and self.complete(e)}
+
+    def complete(self, entry: dict[str, Any]) -> bool:
+        """Whether a run's measurement is whole: it exited cleanly, or its records hold the evaluation at its
+        last step (then only the final checkpoint write was lost to the deadline)."""
+        if entry.get("exit") == 0:
+            return True
+        steps = entry["changes"].get("max_steps") or recipe_values(entry["recipe"])["max_steps"]
+        last = SMOKE_STEPS if self.smoke else int(float(steps))
+        return any(r["type"] == "eval" and r["step"] == last for r in entry.get("records", []))
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -251,11 +262,13 @@ class Series:
         code, wall = train_process(args, self.out / f"{label}.log", max(1.0, self.left()), self.cache)
         records = read_records(run_dir)
         curve = curve_from_records(label, records)
-        entry.update(exit=code, cut=code is None, wall_s=round(wall, 1), records=records)
+        entry.update(exit=code, wall_s=round(wall, 1), records=records)
+        entry["cut"] = code is None and not self.complete(entry)
         if code not in (0, None):
             entry["log_tail"] = (self.out / f"{label}.log").read_text(errors="replace")[-3000:]
         if curve is not None and code == 0:
             self.startup = max(5.0, wall - curve.train_seconds)  # later runs' start-up: measured
+        if curve is not None and self.complete(entry):
             self.curves[label] = curve
         print(
             f"[{label}] exit {code} in {wall:.0f} s" + (f", final val {curve.final:.4f}" if curve else ""), flush=True
@@ -265,7 +278,8 @@ class Series:
 
     def _taken(self, entry: dict[str, Any], earlier: dict[str, Any], note: str = "an earlier call") -> Curve | None:
         """A finished run's results in place of training it again (same recipe, same settings)."""
-        entry.update({k: earlier[k] for k in ("exit", "cut", "wall_s", "records") if k in earlier}, taken_from=note)
+        entry.update({k: earlier[k] for k in ("exit", "wall_s", "records") if k in earlier}, taken_from=note)
+        entry["cut"] = not self.complete(entry)
         curve = curve_from_records(entry["label"], entry["records"])
         if curve is not None:
             self.curves[entry["label"]] = curve

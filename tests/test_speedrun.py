@@ -190,16 +190,26 @@ def test_a_series_resumed_in_a_second_call_trains_only_what_is_new(pattern_data,
     proc = call("--only", "lr-9e-4", "--pack", str(first))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[adamw-best] taken from the baseline's run" in proc.stdout  # the recipe is the baseline's
+    # the deadline killed lr-9e-4 after its final evaluation (while it wrote its last checkpoint): complete
+    packed = json.loads(first.read_text())
+    lever = next(e for e in packed["runs"] if e["label"] == "lr-9e-4")
+    lever.update(exit=None, cut=True)
+    first.write_text(json.dumps(packed))
     proc = call("--only", "lr-9e-4,lr-4e-4,lr-1.2e-3", "--resume", str(first), "--pack", str(second))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = {e["label"]: e for e in json.loads(second.read_text())["runs"]}
     assert list(runs) == ["baseline", "adamw-best", "lr-9e-4", "lr-4e-4", "lr-1.2e-3"]
     assert runs["baseline"]["taken_from"] == runs["lr-9e-4"]["taken_from"] == "an earlier call"
     old = {e["label"]: e for e in json.loads(first.read_text())["runs"]}
-    assert runs["lr-9e-4"]["records"] == old["lr-9e-4"]["records"]
+    assert runs["lr-9e-4"]["records"] == old["lr-9e-4"]["records"] and runs["lr-9e-4"]["cut"] is False
     kept = runs["lr-9e-4"]["kept"]  # the smoke model decides; either way exactly one lr lever trains now
     trained = [label for label, e in runs.items() if "taken_from" not in e and "exit" in e]
     assert trained == (["lr-1.2e-3"] if kept else ["lr-4e-4"])
+    # killed before its final evaluation: cut, so a resumed call trains it again
+    lever["records"] = [r for r in lever["records"] if not (r["type"] == "eval" and r["step"] == 6)]
+    first.write_text(json.dumps(packed))
+    proc = call("--only", "lr-9e-4", "--resume", str(first), "--pack", str(second))
+    assert proc.returncode == 0 and "[lr-9e-4] taken" not in proc.stdout and "[lr-9e-4] exit 0" in proc.stdout
     refused = call("--resume", str(tmp_path / "missing.json"))
     assert refused.returncode != 0 and "not a readable series pack" in refused.stderr
     (tmp_path / "other.json").write_text(json.dumps({"format": 1, "plan": "levers", "runs": []}))
