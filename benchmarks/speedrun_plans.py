@@ -154,6 +154,7 @@ ADAMW_LEVERS = (
         "warmup-stable-decay, a 1-sqrt cooldown over half the steps to 0 (Hagele et al. 2024), not cosine to 10%",
     ),
     Lever("warmup-0.4x", {"warmup_steps": "x0.4"}, "a shorter warmup: 1.5% of the steps instead of the seed's 3.75%"),
+    Lever("lr-2.7e-4", {"max_lr": "2.7e-4"}, "2/3 again, where 4e-4 paid (-0.045)", needs=("max_lr=4e-4",)),
     Lever("no-clip", {"grad_clip": "0"}, "no gradient clipping (no benefit in nanochat)", speed=True),
     Lever("beta2-0.99", {"beta2": "0.99"}, "beta2 0.99 instead of 0.95"),
 )
