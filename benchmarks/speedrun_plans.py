@@ -52,6 +52,11 @@ class Plan:
     greedy: bool  # levers on top of the best so far (True) or each alone on its recipe
     what: str
     levers: tuple[Lever, ...] = field(default_factory=tuple)
+    reference: str = ""  # greedy plans: the label of the recipe's run as shipped (default: the recipe's name)
+
+    @property
+    def start(self) -> str:
+        return self.reference or self.recipe
 
 
 MUON_SHORT_LEVERS = (
@@ -132,11 +137,11 @@ MUON_SHORT_LEVERS = (
 )
 
 # The AdamW rival (what users get where Muon cannot run, e.g. under FSDP), tuned greedily like Muon, from
-# the seed recipe (adamw-best.toml as first shipped: the baseline's settings, so the series reuses the
-# baseline's run as its reference). Each run is full length (~236 s on an H100 + start-up): two a GPU call,
-# a series over several calls (`plan adamw --resume` carries the finished runs into the next call). A value
-# "xF" multiplies the best run's setting (or the recipe's), so a warmup lever stays a fraction of the schedule
-# whatever batch size was kept before it.
+# the seed recipe (baseline.toml: the series reuses the baseline's run as its reference, labelled "seed");
+# the lead writes the series' best into adamw-best.toml, which `plan final` runs. Each run is full length
+# (~236 s on an H100 + start-up): two a GPU call, a series over several calls (`plan adamw --resume` carries
+# the finished runs into the next call). A value "xF" multiplies the best run's setting (or the recipe's), so
+# a warmup lever stays a fraction of the schedule whatever batch size was kept before it.
 ADAMW_LEVERS = (
     Lever(
         "batch-65k",
@@ -184,7 +189,9 @@ FINAL_LEVERS = (
 
 PLANS = {
     "levers": Plan("levers", "muon-short", True, "every lever on muon-short, greedily", MUON_SHORT_LEVERS),
-    "adamw": Plan("adamw", "adamw-best", True, "the AdamW rival, tuned greedily (full-length runs)", ADAMW_LEVERS),
+    "adamw": Plan(
+        "adamw", "baseline", True, "the AdamW rival, tuned greedily from the seed recipe", ADAMW_LEVERS, "seed"
+    ),
     "regime2": Plan("regime2", "onepass-muon", False, "the second regime: one pass, two model sizes", REGIME2_LEVERS),
     "final": Plan("final", "muon-short", False, "the shipped recipes' curves, one series", FINAL_LEVERS),
 }

@@ -317,14 +317,14 @@ class Series:
         entry = {"role": "reference", "lever": {}, "what": "as shipped", "baseline": "baseline"}
         twin = self.pack_entry("baseline") if same_settings(plan.recipe, "baseline") else None
         if twin is not None and "baseline" in self.curves:  # the recipe is the baseline: its run is the reference
-            entry.update(label=plan.recipe, recipe=plan.recipe, changes={})
+            entry.update(label=plan.start, recipe=plan.recipe, changes={})
             best = self._taken(entry, twin, "the baseline's run (the same settings)")
         else:
-            best = self.run(plan.recipe, plan.recipe, {}, entry)
+            best = self.run(plan.start, plan.recipe, {}, entry)
         if best is None or entry.get("cut"):
             return
         self.recipe_seconds[plan.recipe] = best.train_seconds  # the levers' cost estimates, measured
-        best_label, best_changes = plan.recipe, {}
+        best_label, best_changes = plan.start, {}
         self.pack["best"] = {"label": best_label, "recipe": plan.recipe, "changes": best_changes}
         for n, lever in enumerate(plan.levers):
             entry = {"role": "lever", "what": lever.what, "compared_to": best_label, "baseline": "baseline"}

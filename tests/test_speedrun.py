@@ -91,9 +91,9 @@ def test_variants_scale_step_counts_and_carry_to_other_recipes():
 def test_relative_settings_and_conditions_on_the_best_run():
     """A value "xF" scales the best run's setting (else the recipe's); needs/unless read the best run's changes."""
     shorter = Lever("w", {"warmup_steps": "x0.4"}, "")
-    assert variant("adamw-best", {}, shorter) == {"warmup_steps": "13"}  # 33 x 0.4
-    assert variant("adamw-best", {"warmup_steps": "66", "max_lr": "9e-4"}, shorter)["warmup_steps"] == "26"
-    assert variant("adamw-best", {}, Lever("b", {"beta2": "x1.05"}, "")) == {"beta2": "0.9975"}
+    assert variant("baseline", {}, shorter) == {"warmup_steps": "13"}  # 33 x 0.4
+    assert variant("baseline", {"warmup_steps": "66", "max_lr": "9e-4"}, shorter)["warmup_steps"] == "26"
+    assert variant("baseline", {}, Lever("b", {"beta2": "x1.05"}, "")) == {"beta2": "0.9975"}
     low = Lever("lo", {"max_lr": "4e-4"}, "", unless=("max_lr",))
     high = Lever("hi", {"max_lr": "1.2e-3"}, "", needs=("max_lr=9e-4",))
     assert wanted(low, {}) is None and wanted(high, {}) == "skipped: the best run does not set max_lr=9e-4"
@@ -189,7 +189,7 @@ def test_a_series_resumed_in_a_second_call_trains_only_what_is_new(pattern_data,
     first, second = tmp_path / "a1.json", tmp_path / "a2.json"
     proc = call("--only", "lr-9e-4", "--pack", str(first))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[adamw-best] taken from the baseline's run" in proc.stdout  # the recipe is the baseline's
+    assert "[seed] taken from the baseline's run" in proc.stdout  # the plan starts from the seed recipe
     # the deadline killed lr-9e-4 after its final evaluation (while it wrote its last checkpoint): complete
     packed = json.loads(first.read_text())
     lever = next(e for e in packed["runs"] if e["label"] == "lr-9e-4")
@@ -198,7 +198,7 @@ def test_a_series_resumed_in_a_second_call_trains_only_what_is_new(pattern_data,
     proc = call("--only", "lr-9e-4,lr-4e-4,lr-1.2e-3", "--resume", str(first), "--pack", str(second))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = {e["label"]: e for e in json.loads(second.read_text())["runs"]}
-    assert list(runs) == ["baseline", "adamw-best", "lr-9e-4", "lr-4e-4", "lr-1.2e-3"]
+    assert list(runs) == ["baseline", "seed", "lr-9e-4", "lr-4e-4", "lr-1.2e-3"]
     assert runs["baseline"]["taken_from"] == runs["lr-9e-4"]["taken_from"] == "an earlier call"
     old = {e["label"]: e for e in json.loads(first.read_text())["runs"]}
     assert runs["lr-9e-4"]["records"] == old["lr-9e-4"]["records"] and runs["lr-9e-4"]["cut"] is False
