@@ -263,12 +263,13 @@ class Series:
         records = read_records(run_dir)
         curve = curve_from_records(label, records)
         entry.update(exit=code, wall_s=round(wall, 1), records=records)
-        entry["cut"] = code is None and not self.complete(entry)
+        complete = self.complete(entry)
+        entry["cut"] = code is None and not complete
         if code not in (0, None):
             entry["log_tail"] = (self.out / f"{label}.log").read_text(errors="replace")[-3000:]
         if curve is not None and code == 0:
             self.startup = max(5.0, wall - curve.train_seconds)  # later runs' start-up: measured
-        if curve is not None and self.complete(entry):
+        if curve is not None and complete:
             self.curves[label] = curve
         print(
             f"[{label}] exit {code} in {wall:.0f} s" + (f", final val {curve.final:.4f}" if curve else ""), flush=True
