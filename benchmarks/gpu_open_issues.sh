@@ -22,8 +22,8 @@
 #   levers    (~560 s) issue 19: a lever series on muon-short (carry .devcarry/speedrun); a call of its own;
 #                      LEVERS names the levers (speedrun_plans.py), TAG the files it writes
 #   plan      (PLAN_S, default 570 s) issue 19: `speedrun.py plan $PLAN $PLAN_ARGS` (adamw, regime2, final;
-#                      carry .devcarry/speedrun), e.g. PLAN=final PLAN_ARGS="--baseline-mode full
-#                      --changes-from benchmarks/speedrun_best.json" (the levers' kept changes on muon-full too);
+#                      carry .devcarry/speedrun), e.g. PLAN=final (the shipped tomls, baseline included) or
+#                      PLAN=regime2 PLAN_ARGS="--changes-from benchmarks/speedrun_best.json";
 #                      a series over several calls: copy the last call's $PLAN.json to .devcarry/$PLAN.json, carry
 #                      it, and add --resume .devcarry/$PLAN.json (e.g. PLAN=adamw PLAN_ARGS="--baseline-mode full
 #                      --resume .devcarry/adamw.json": two full-length runs a call, the finished ones taken)

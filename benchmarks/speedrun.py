@@ -232,7 +232,7 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=540.0, help="plan: seconds from start to the last run's end")
     p.add_argument("--min-gain", type=float, default=0.005, help="plan: nats a lever must gain to be kept")
     p.add_argument("--only", default=None, help="plan: run only these levers (comma-separated labels), in plan order")
-    p.add_argument("--changes-from", type=Path, default=None, help="plan regime2/final: a levers pack's best changes")
+    p.add_argument("--changes-from", type=Path, default=None, help="plan regime2: a levers pack's best changes")
     p.add_argument("--pack", type=Path, default=None, help="plan: the series' JSON file; report: read it")
     p.add_argument(
         "--resume", type=Path, default=None, help="plan: an earlier call's pack; its finished runs are taken, not rerun"
