@@ -255,6 +255,8 @@ def main() -> int:
             p.error(f"plan --baseline-mode {args.baseline_mode} needs --baseline-val (the baseline's final val loss)")
         if args.baseline_mode == "skip" and args.baseline_seconds is None:
             p.error("plan --baseline-mode skip needs --baseline-seconds (the baseline's training seconds)")
+        if args.changes_from and not any(lever.carry_best for lever in PLANS[args.recipes[0]].levers):
+            p.error(f"plan {args.recipes[0]} runs its recipes as shipped; drop --changes-from (only regime2 takes it)")
         pack_path = args.pack or args.out / f"{args.recipes[0]}.json"
         try:
             series(args, pack_path)

@@ -174,6 +174,17 @@ def test_a_series_runs_end_to_end_on_a_tiny_cpu_model(pattern_data, tmp_path):
     assert "kept?" in proc.stdout and png.stat().st_size > 10_000
 
 
+def test_changes_from_is_refused_by_a_plan_that_runs_its_recipes_as_shipped(tmp_path):
+    """`plan final` runs the tomls as they stand: a --changes-from it would ignore is an error, before any data."""
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"best": {"recipe": "muon-short", "changes": {"muon_normuon": "true"}}}))
+    args = [sys.executable, "benchmarks/speedrun.py", "plan", "final", "--changes-from", str(best)]
+    args += ["--out", str(tmp_path / "runs")]
+    proc = subprocess.run(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "drop --changes-from" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_a_series_resumed_in_a_second_call_trains_only_what_is_new(pattern_data, tmp_path):
     """`plan adamw` twice, the second with --resume: the first call's runs (the baseline, the reference that
