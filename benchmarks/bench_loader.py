@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -29,12 +27,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import RESULTS, append_block, command_line, git_sha, machine  # noqa: E402
 from gpt2.commands.prepare import _count  # noqa: E402
 from gpt2.data import DataLoaderLite, LoaderConfig, write_shard  # noqa: E402
 from gpt2.prepare import default_workers  # noqa: E402
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_prepare import append_results, git_sha, machine  # noqa: E402
 
 
 def measure(cfg: LoaderConfig, device: str, steps: int) -> float:
@@ -93,12 +89,11 @@ def main() -> None:
     print("\n".join(table + [""] + summary))
     if args.no_record:
         return
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
     block = "\n".join(
         [
             f"## bench_loader: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
             "",
-            f"- command: `{command}` (git {git_sha()})",
+            f"- command: `{command_line()}` (git {git_sha()})",
             f"- machine: {machine()}; {name}",
             f"- python {platform.python_version()}, torch {torch.__version__}, {default_workers()} cores",
             "",
@@ -108,7 +103,7 @@ def main() -> None:
             "",
         ]
     )
-    print(f"appended to {append_results(block)}")
+    print(f"appended to {append_block(RESULTS, block)}")
 
 
 if __name__ == "__main__":

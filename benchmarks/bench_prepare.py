@@ -20,8 +20,6 @@ import multiprocessing as mp
 import os
 import platform
 import resource
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -97,36 +95,6 @@ def baseline_parallel(texts: list[str], procs: int) -> float:
     for w in workers:
         w.join()
     return time.perf_counter() - t
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {default_workers()} cores usable, {platform.system()} {platform.release()}"
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def append_results(block: str) -> Path:
-    path = REPO / "benchmarks" / "RESULTS.md"
-    if not path.exists():
-        path.write_text("# Benchmark results\n\nEach benchmark appends a block; newest last.\n")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("\n" + block)
-    return path
 
 
 def main() -> None:
@@ -229,12 +197,13 @@ def main() -> None:
     import tiktoken
     import torch
 
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    from benchmarks.common import RESULTS, append_block, command_line, git_sha, machine  # imports torch: here only
+
     block = "\n".join(
         [
             f"## bench_prepare: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
             "",
-            f"- command: `{command}` (git {git_sha()})",
+            f"- command: `{command_line()}` (git {git_sha()})",
             f"- machine: {machine()}",
             f"- python {platform.python_version()}, torch {torch.__version__}, tiktoken {tiktoken.__version__}, "
             f"encoding {tiktoken_encoding()[1]}",
@@ -245,7 +214,7 @@ def main() -> None:
             "",
         ]
     )
-    print(f"appended to {append_results(block)}")
+    print(f"appended to {append_block(RESULTS, block)}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime
 import gc
+import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
 # Dense bf16 tensor-core peak of an H100 SXM (the H200 has the same chip): the issue's MFU basis.
 PEAK_BF16_FLOPS = 989.4e12
 
@@ -30,7 +33,31 @@ def environment(device: torch.device) -> str:
 
 
 def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    """The exact command, its script named from the repository root (as RESULTS.md quotes commands)."""
+    script = os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else sys.argv[0]
+    return "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]])
+
+
+def git_sha() -> str:
+    """The checkout's short commit, or "unknown" outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def machine() -> str:
+    """The CPU model, the cores this process may use and the kernel: one line for CPU-bound results."""
+    from gpt2.prepare import default_workers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {default_workers()} cores usable, {platform.system()} {platform.release()}"
 
 
 def sync(device: torch.device) -> None:
@@ -83,12 +110,18 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 def append_results(path: Path, title: str, device: torch.device, body: str) -> None:
     """Append one section (title, date, environment, exact command, body) to RESULTS.md."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = f"\n## {title} ({now})\n\n- environment: {environment(device)}\n- command: `{command_line()}`\n\n{body}\n"
+    section = f"## {title} ({now})\n\n- environment: {environment(device)}\n- command: `{command_line()}`\n\n{body}\n"
+    append_block(path, section)
+
+
+def append_block(path: Path, block: str) -> Path:
+    """Append one block to a results file after a blank line (the file made, with its title, if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         path.write_text("# Benchmark results\n\nAppended by the scripts in benchmarks/; newest last.\n")
-    with path.open("a") as f:
-        f.write(section)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("\n" + block)
+    return path
 
 
 @torch.no_grad()
