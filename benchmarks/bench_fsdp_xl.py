@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, table  # noqa: E402
+from benchmarks.common import RESULTS, append_block, environment, table  # noqa: E402
 from gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2.checkpoint.sharded import save_sharded  # noqa: E402
 from gpt2.distributed import all_gather_objects, barrier, destroy_distributed, init_distributed  # noqa: E402
@@ -225,14 +225,10 @@ def report(args: argparse.Namespace, device: torch.device, world: int, rows: lis
     command = f"torchrun --standalone --nproc_per_node={world} " + " ".join(shlex.quote(a) for a in sys.argv)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (
-        f"\n## bench_fsdp_xl: {args.model} on {world} x {r0['card']} ({now})\n\n"
+        f"## bench_fsdp_xl: {args.model} on {world} x {r0['card']} ({now})\n\n"
         f"- environment: {environment(device)}\n- command: `{command}`\n\n{body}\n"
     )
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    if not args.results.exists():
-        args.results.write_text("# Benchmark results\n\nAppended by the scripts in benchmarks/; newest last.\n")
-    with args.results.open("a") as f:
-        f.write(section)
+    append_block(args.results, section)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def environment(device: torch.device) -> str:
 
 def command_line() -> str:
     """The exact command, its script named from the repository root (as RESULTS.md quotes commands)."""
-    script = os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else sys.argv[0]
+    script = os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else ""
     return "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]])
 
 
@@ -115,10 +115,9 @@ def append_results(path: Path, title: str, device: torch.device, body: str) -> N
 
 
 def append_block(path: Path, block: str) -> Path:
-    """Append one block to a results file after a blank line (the file made, with its title, if missing)."""
+    """Append one block to a results file after a blank line: RESULTS.md, or a GPU call's own file that the lead
+    merges into it (made if missing, without a title)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text("# Benchmark results\n\nAppended by the scripts in benchmarks/; newest last.\n")
     with path.open("a", encoding="utf-8") as f:
         f.write("\n" + block)
     return path

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import command_line, table  # noqa: E402
+from benchmarks.common import append_block, command_line, table  # noqa: E402
 from gpt2.checkpoint import read_metrics  # noqa: E402
 
 WINDOW = 50
@@ -95,9 +95,8 @@ def main() -> int:
     text = compare([summary(r) for r in runs])
     print(text)
     if args.results is not None:
-        with open(args.results, "a", encoding="utf-8") as f:
-            f.write(f"\n## Fused vs torch training kernels: loss curves ({time.strftime('%Y-%m-%d')})\n\n")
-            f.write(f"`{command_line()}`\n\n{text}\n")
+        title = f"## Fused vs torch training kernels: loss curves ({time.strftime('%Y-%m-%d')})"
+        append_block(args.results, f"{title}\n\n`{command_line()}`\n\n{text}\n")
     return 0
 
 

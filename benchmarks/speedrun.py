@@ -55,7 +55,7 @@ START = time.monotonic()
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import command_line  # noqa: E402
+from benchmarks.common import append_block, command_line  # noqa: E402
 from benchmarks.speedrun_plans import PLANS  # noqa: E402
 from benchmarks.speedrun_report import load_curve, plot, report, report_pack  # noqa: E402
 from benchmarks.speedrun_series import Series, parse_recipe, run_name, train_command, train_process  # noqa: E402
@@ -186,11 +186,8 @@ def report_from_pack(pack_path: Path, png: Path | None, results: Path | None) ->
         except ImportError:  # the GPU machine may lack matplotlib: plot here later with `report --pack`
             print(f"note: no matplotlib, so no {png}; run `speedrun.py report --pack {pack_path} --png ...` elsewhere")
     if results is not None:
-        head = (
-            f"\n## Proxy speedrun series `{pack['plan']}` ({time.strftime('%Y-%m-%d')})\n\n`{pack.get('command')}`\n\n"
-        )
-        with open(results, "a", encoding="utf-8") as f:
-            f.write(head + text + "\n")
+        head = f"## Proxy speedrun series `{pack['plan']}` ({time.strftime('%Y-%m-%d')})\n\n`{pack.get('command')}`\n\n"
+        append_block(results, head + text + "\n")
         print(f"appended to {results}")
 
 
@@ -207,8 +204,8 @@ def report_from_runs(args: argparse.Namespace) -> None:
         )
     if args.results is not None:
         head = ", ".join(f"{k} {base.env.get(k)}" for k in ("device_name", "torch", "cuda", "git_sha"))
-        with open(args.results, "a", encoding="utf-8") as f:
-            f.write(f"\n## Proxy speedrun ({time.strftime('%Y-%m-%d')})\n\n{head}\n\n`{command_line()}`\n\n{text}\n")
+        title = f"## Proxy speedrun ({time.strftime('%Y-%m-%d')})"
+        append_block(args.results, f"{title}\n\n{head}\n\n`{command_line()}`\n\n{text}\n")
 
 
 def main() -> int:
