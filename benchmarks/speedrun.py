@@ -139,7 +139,7 @@ def series(args: argparse.Namespace, pack_path: Path) -> None:
         if unknown:
             raise SystemExit(f"--only: plan {plan.name} has no lever {', '.join(unknown)}")
         plan = replace(plan, levers=tuple(lever for lever in plan.levers if lever.label in wanted))
-    prior = read_prior(args.resume, plan.name) if args.resume else None
+    prior = read_prior(args.resume, plan.name, this_card(args.smoke)) if args.resume else None
     needs_all = any(lever.data == "all" for lever in plan.levers)
     data = {"proxy": args.data, "all": args.data.parent / "data-all"}
     if not args.smoke:
@@ -161,7 +161,7 @@ def series(args: argparse.Namespace, pack_path: Path) -> None:
         run_series.each(best)
 
 
-def read_prior(path: Path, plan: str) -> dict:
+def read_prior(path: Path, plan: str, card: str) -> dict:
     """An earlier call's pack of the same plan (--resume), checked before anything runs."""
     try:
         prior = json.loads(path.read_text())
@@ -171,7 +171,24 @@ def read_prior(path: Path, plan: str) -> dict:
     if not isinstance(prior, dict) or prior.get("plan") != plan or not isinstance(prior.get("runs"), list):
         found = prior.get("plan") if isinstance(prior, dict) else None
         raise SystemExit(f"--resume {path}: a pack of plan {found!r}, not {plan!r}; resume a series with its own plan")
+    starts = [r for e in prior["runs"] for r in e.get("records", []) if r.get("event") == "start"]
+    cards = sorted({str(r.get("device_name")) for r in starts})
+    if cards and cards != [card]:
+        # Wall-clock ratios only compare runs of one card: a series is resumed on the card it began on.
+        raise SystemExit(f"--resume {path}: its runs ran on {', '.join(cards)}, this call trains on {card}; "
+                         "resume it on that card or start the series afresh without --resume")  # fmt: skip
     return prior
+
+
+def this_card(smoke: bool) -> str:
+    """The device name a run of this call records (gpt2.training.metrics): the GPU's, or the CPU's in a smoke run."""
+    import platform
+
+    import torch
+
+    if not smoke and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or platform.machine()
 
 
 def report_from_pack(pack_path: Path, png: Path | None, results: Path | None) -> None:

@@ -226,6 +226,12 @@ def test_a_series_resumed_in_a_second_call_trains_only_what_is_new(pattern_data,
     (tmp_path / "other.json").write_text(json.dumps({"format": 1, "plan": "levers", "runs": []}))
     refused = call("--resume", str(tmp_path / "other.json"))
     assert refused.returncode != 0 and "a pack of plan 'levers', not 'adamw'" in refused.stderr
+    for entry in packed["runs"]:  # a pack from another card: its wall-clock times compare with nothing here
+        for record in (r for r in entry["records"] if r.get("event") == "start"):
+            record["device_name"] = "NVIDIA H100 80GB HBM3"
+    (tmp_path / "h100.json").write_text(json.dumps(packed))
+    refused = call("--resume", str(tmp_path / "h100.json"))
+    assert refused.returncode != 0 and "its runs ran on NVIDIA H100 80GB HBM3, this call trains on" in refused.stderr
 
 
 def test_carry_then_prepare_takes_the_first_books(tmp_path, monkeypatch, capsys):
