@@ -149,8 +149,8 @@ def series(args: argparse.Namespace, pack_path: Path) -> None:
     out = args.out / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True)
     meta = {"budget_s": args.budget_s, "min_gain": args.min_gain, "command": command_line()}
-    if args.resume:
-        meta["resumed_from"] = str(args.resume)
+    if args.resume:  # a note on runs taken from elsewhere (a hand migration) stays with the runs it describes
+        meta.update(resumed_from=str(args.resume), **({"migrated": prior["migrated"]} if "migrated" in prior else {}))
     best = json.loads(args.changes_from.read_text()).get("best") if args.changes_from else None
     run_series = Series(plan, data, out, pack_path, START + args.budget_s, smoke=args.smoke, min_gain=args.min_gain,
                         meta=meta, prior=prior)  # fmt: skip

@@ -205,10 +205,13 @@ def test_a_series_resumed_in_a_second_call_trains_only_what_is_new(pattern_data,
     packed = json.loads(first.read_text())
     lever = next(e for e in packed["runs"] if e["label"] == "lr-9e-4")
     lever.update(exit=None, cut=True)
+    packed["migrated"] = "seed: taken by hand"
     first.write_text(json.dumps(packed))
     proc = call("--only", "lr-9e-4,lr-4e-4,lr-1.2e-3", "--resume", str(first), "--pack", str(second))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = {e["label"]: e for e in json.loads(second.read_text())["runs"]}
+    resumed = json.loads(second.read_text())
+    assert resumed["migrated"] == "seed: taken by hand"  # the prior pack's note goes on with its runs
+    runs = {e["label"]: e for e in resumed["runs"]}
     assert list(runs) == ["baseline", "seed", "lr-9e-4", "lr-4e-4", "lr-1.2e-3"]
     assert runs["baseline"]["taken_from"] == runs["lr-9e-4"]["taken_from"] == "an earlier call"
     old = {e["label"]: e for e in json.loads(first.read_text())["runs"]}
