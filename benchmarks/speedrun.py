@@ -181,14 +181,14 @@ def read_prior(path: Path, plan: str, card: str) -> dict:
 
 
 def this_card(smoke: bool) -> str:
-    """The device name a run of this call records (gpt2.training.metrics): the GPU's, or the CPU's in a smoke run."""
-    import platform
-
+    """The device name this call's runs record (the run log's own environment_info): the GPU's, or the CPU's
+    in a smoke run."""
     import torch
 
-    if not smoke and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return platform.processor() or platform.machine()
+    from gpt2.training.metrics import environment_info
+
+    cuda = not smoke and torch.cuda.is_available()
+    return environment_info(torch.device("cuda" if cuda else "cpu"))["device_name"]
 
 
 def report_from_pack(pack_path: Path, png: Path | None, results: Path | None) -> None:
