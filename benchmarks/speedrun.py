@@ -35,8 +35,9 @@ the budget is spent (speedrun_series says how runs are chosen and kept), packing
 metrics into one JSON file after each run, and ends with the report. With --resume PACK (an earlier call's
 pack of the same plan) every run that finished there is taken from it instead of trained again (same label,
 recipe and settings), the baseline's included, so the greedy choices replay and the series goes on where the
-earlier call's budget ended; its new pack holds both calls' runs. `report --pack` makes the same
-report from that file alone, here, also when the GPU call was cut off.
+earlier call's budget ended; its new pack holds both calls' runs. A pack whose runs ran on another card is
+refused (wall-clock ratios compare one card only). `report --pack` makes the same report from that file
+alone, here, also when the GPU call was cut off.
 """
 
 from __future__ import annotations
@@ -149,8 +150,10 @@ def series(args: argparse.Namespace, pack_path: Path) -> None:
     out = args.out / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True)
     meta = {"budget_s": args.budget_s, "min_gain": args.min_gain, "command": command_line()}
-    if args.resume:  # a note on runs taken from elsewhere (a hand migration) stays with the runs it describes
-        meta.update(resumed_from=str(args.resume), **({"migrated": prior["migrated"]} if "migrated" in prior else {}))
+    if args.resume:
+        meta["resumed_from"] = str(args.resume)
+    if prior and "migrated" in prior:  # a note on runs taken by hand from elsewhere stays with those runs
+        meta["migrated"] = prior["migrated"]
     best = json.loads(args.changes_from.read_text()).get("best") if args.changes_from else None
     run_series = Series(plan, data, out, pack_path, START + args.budget_s, smoke=args.smoke, min_gain=args.min_gain,
                         meta=meta, prior=prior)  # fmt: skip
